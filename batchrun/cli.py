@@ -1,0 +1,175 @@
+"""The command line: argument parsing, progress display, and the one place errors become messages."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import BatchrunError, JobError
+
+log = logging.getLogger("batchrun")
+
+
+class _DefaultToRun(click.Group):
+    """``batchrun JOB.toml`` means ``batchrun run JOB.toml``."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[override]
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="batchrun")
+def main() -> None:
+    """Run a prompt dataset through a custom LLM endpoint into Parquet, resumably.
+
+    \b
+      batchrun JOB.toml            run or resume a job (same as `batchrun run JOB.toml`)
+      batchrun validate JOB.toml   check a job and print its plan; sends nothing
+      batchrun serve               run the reference endpoint
+    """
+
+
+def _boundary(debug: bool, fn, *args, **kwargs):
+    """Run a command body; turn batchrun's errors into a message and an exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except JobError as exc:
+        for problem in exc.problems:
+            click.echo(f"batchrun: error: {problem}", err=True)
+        sys.exit(exc.exit_code)
+    except BatchrunError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"batchrun: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("batchrun: interrupted; run the same command to resume", err=True)
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--restart", is_flag=True, help="Discard this job's saved progress and start over.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors and the summary line.")
+@click.option(
+    "--log-interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+    help="Seconds between progress lines when not on a terminal.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def run(job: Path, restart: bool, quiet: bool, log_interval: float, debug: bool) -> None:
+    """Run JOB, or resume it where it stopped."""
+    _setup_logging(quiet, debug)
+    from .runner import run_job
+
+    progress = _ProgressDisplay(quiet=quiet, interval=log_interval)
+    try:
+        summary = _boundary(
+            debug, run_job, job, on_progress=progress.update, restart=restart, handle_signals=True
+        )
+    finally:
+        progress.close()
+    click.echo(summary.line())
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def validate(job: Path, debug: bool) -> None:
+    """Check JOB and print its plan, without sending anything."""
+    _setup_logging(False, debug)
+    _boundary(debug, _validate, job)
+
+
+def _validate(job: Path) -> None:
+    from . import source
+    from .checkpoint import RunState
+    from .config import load_job
+    from .runner import _api_key
+
+    spec = load_job(job)
+    _api_key(spec)
+    rows = source.count_rows_and_check_ids(spec)
+    b, c = spec.run.batch_size, spec.run.concurrency
+    prompt = f"column {spec.prompt_column!r}" if spec.prompt_column else f"template {spec.template!r}"
+    state = RunState(spec.state_dir).read_plan()
+    lines = [
+        f"job:          {spec.job_path}",
+        f"input:        {len(spec.input_files)} {spec.input_format} file(s), {rows} rows, "
+        f"{len(spec.columns)} columns",
+        f"prompt:       {prompt}" + (f"; id column {spec.id_column!r}" if spec.id_column else ""),
+        f"endpoint:     {spec.api_base} model {spec.model_name!r}",
+        f"params:       {spec.params or '(endpoint defaults)'}",
+        f"requests:     up to {math.ceil(rows / b)} of {b} prompts, at most {c} in flight",
+        f"output:       {spec.output_path}",
+        f"state:        {spec.state_dir} ({'has saved progress' if state else 'new run'})",
+    ]
+    click.echo("\n".join(lines))
+    click.echo("batchrun: job is valid")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--latency-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Delay added to every request.")
+@click.option("--per-prompt-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Extra delay per prompt in a request.")
+def serve(host: str, port: int, latency_ms: float, per_prompt_ms: float) -> None:
+    """Run the reference endpoint (a deterministic toy model in the custom-endpoint format)."""
+    from .server import ServerOptions, serve_forever
+
+    serve_forever(host, port, ServerOptions(latency_s=latency_ms / 1000, per_prompt_s=per_prompt_ms / 1000))
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s batchrun %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+
+
+class _ProgressDisplay:
+    """A tqdm bar on a terminal; a plain line every ``interval`` seconds otherwise (cron mail)."""
+
+    def __init__(self, quiet: bool, interval: float):
+        self.quiet = quiet
+        self.interval = interval
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        self.last_line = time.monotonic()
+        self.first_done: int | None = None
+
+    def update(self, p) -> None:  # p: runner.Progress
+        if self.quiet:
+            return
+        if self.first_done is None:
+            self.first_done = p.done
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=p.total, initial=p.done, unit="row", dynamic_ncols=True, smoothing=0.1)
+            self.bar.update(p.done - self.bar.n)
+            self.bar.set_postfix(failed=p.failed, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.interval:
+            self.last_line = now
+            rate = (p.done - self.first_done) / p.elapsed_s if p.elapsed_s > 0 else 0.0
+            left = (p.total - p.done) / rate if rate > 0 else float("inf")
+            eta = f"{left:.0f}s" if math.isfinite(left) else "?"
+            log.info("progress: %d/%d rows done, %d failed, %.1f rows/s, eta %s", p.done, p.total, p.failed, rate, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,208 @@
+"""The HTTP side: one aiohttp session, the retry policy, and aiohttp errors mapped to ours in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .errors import AuthError, EndpointError
+from .protocol import Answer, ResponseError, build_request, match_response
+
+# A hostile or broken endpoint must not exhaust memory: responses larger than this are refused.
+MAX_RESPONSE_BYTES = 256 << 20
+# Statuses worth retrying; other 4xx mean the request itself is refused.
+RETRY_STATUSES = frozenset({408, 409, 425, 429})
+
+
+@dataclass
+class RowOutcome:
+    """What became of one prompt of a batch after all its attempts."""
+
+    answer: Answer | None
+    error: str | None
+    attempts: int
+    latency_s: float | None
+
+
+@dataclass
+class Accounting:
+    """Request-level figures for the run summary."""
+
+    requests: int = 0
+    prompts_sent: int = 0
+    prompts_resent: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+
+
+class _Transient(Exception):
+    def __init__(self, cause: str, reason: str):
+        self.cause, self.reason = cause, reason
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, reason: str):
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter; the one place that decides when and how long to wait."""
+
+    max_retries: int
+    base_s: float
+    cap_s: float
+
+    def delay(self, retry: int) -> float:
+        return random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** (retry - 1)))
+
+
+class EndpointClient:
+    """Sends batches of prompts and returns one outcome per prompt; never raises for a row."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        model: str,
+        params: dict[str, Any],
+        policy: RetryPolicy,
+        api_key: str | None = None,
+    ):
+        self._session = session
+        self._url = url
+        self._model = model
+        self._params = params
+        self._policy = policy
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self.accounting = Accounting()
+
+    async def process(self, prompts: Sequence[str]) -> list[RowOutcome]:
+        """Answer every prompt, retrying failed attempts and splitting refused batches."""
+        outcomes: list[RowOutcome | None] = [None] * len(prompts)
+        attempts = [0] * len(prompts)
+        await self._process(list(range(len(prompts))), prompts, outcomes, attempts)
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    async def _process(
+        self,
+        pending: list[int],
+        prompts: Sequence[str],
+        outcomes: list[RowOutcome | None],
+        attempts: list[int],
+    ) -> None:
+        cause, reason = "", ""
+        for attempt in range(self._policy.max_retries + 1):
+            if attempt:
+                self.accounting.retries[cause] += 1
+                await asyncio.sleep(self._policy.delay(attempt))
+            for i in pending:
+                if attempts[i]:
+                    self.accounting.prompts_resent += 1
+                attempts[i] += 1
+            started = time.monotonic()
+            try:
+                matched = await self._attempt([prompts[i] for i in pending])
+            except _Transient as exc:
+                cause, reason = exc.cause, exc.reason
+                continue
+            except _Rejected as exc:
+                if len(pending) == 1:
+                    outcomes[pending[0]] = RowOutcome(
+                        None, f"rejected: HTTP {exc.status}: {exc.reason}", attempts[pending[0]], None
+                    )
+                    return
+                # One refused prompt must not sink its neighbours: halve until it stands alone.
+                half = len(pending) // 2
+                await self._process(pending[:half], prompts, outcomes, attempts)
+                await self._process(pending[half:], prompts, outcomes, attempts)
+                return
+            latency = time.monotonic() - started
+            for j, answer in matched.answers.items():
+                i = pending[j]
+                outcomes[i] = RowOutcome(answer, None, attempts[i], latency)
+            pending = [i for j, i in enumerate(pending) if j not in matched.answers]
+            if not pending:
+                return
+            cause, reason = "invalid_response", matched.problem or "invalid response"
+        for i in pending:
+            outcomes[i] = RowOutcome(
+                None, f"{cause}: {reason} (gave up after {attempts[i]} attempts)", attempts[i], None
+            )
+
+    async def _attempt(self, prompts: list[str]):
+        body = build_request(self._model, prompts, self._params)
+        self.accounting.requests += 1
+        self.accounting.prompts_sent += len(prompts)
+        try:
+            async with self._session.post(
+                self._url, data=body, headers=self._headers, allow_redirects=False
+            ) as resp:
+                raw = await _read_capped(resp)
+                status = resp.status
+                if status in (401, 403):
+                    raise AuthError(status, _snippet(raw))
+                if 300 <= status < 400:
+                    raise EndpointError(
+                        f"the endpoint redirected (HTTP {status}) to {resp.headers.get('Location', '?')}; "
+                        "redirects are not followed (they could leak credentials): set "
+                        "endpoint.api_base to the final URL"
+                    )
+                if status in RETRY_STATUSES or status >= 500:
+                    raise _Transient(f"http_{status}", f"HTTP {status}: {_snippet(raw)}")
+                if 400 <= status < 500:
+                    raise _Rejected(status, _snippet(raw))
+                if status != 200:
+                    raise _Transient(f"http_{status}", f"unexpected HTTP {status}")
+        except asyncio.TimeoutError:
+            raise _Transient("timeout", "no complete answer within endpoint.timeout_s") from None
+        except aiohttp.ClientConnectionError as exc:
+            raise _Transient("connection", f"{exc.__class__.__name__}: {exc}") from None
+        except aiohttp.ClientPayloadError as exc:
+            raise _Transient("connection", f"broken response body: {exc}") from None
+        except _ResponseTooLarge as exc:
+            raise _Transient("invalid_response", str(exc)) from None
+        try:
+            return match_response(raw, prompts)
+        except ResponseError as exc:
+            raise _Transient("invalid_response", str(exc)) from None
+
+
+class _ResponseTooLarge(Exception):
+    pass
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    declared = resp.content_length
+    if declared is not None and declared > MAX_RESPONSE_BYTES:
+        raise _ResponseTooLarge(f"response body of {declared} bytes exceeds the {MAX_RESPONSE_BYTES}-byte cap")
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise _ResponseTooLarge(f"response body exceeds the {MAX_RESPONSE_BYTES}-byte cap")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _snippet(raw: bytes, limit: int = 200) -> str:
+    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def make_session(concurrency: int, timeout_s: float) -> aiohttp.ClientSession:
+    """One session per run: connector limit = concurrency, an explicit total timeout per request."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        raise_for_status=False,
+    )

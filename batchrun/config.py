@@ -1,0 +1,374 @@
+"""The job file: a frozen, typed ``JobSpec`` and ``load_job(path)``, reporting every problem at once."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import string
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import JobError
+
+BUILTIN = "builtin"
+# Columns batchrun adds to every output row; an input column with one of these names is refused.
+RESULT_COLUMNS = ("output", "params", "error", "attempts", "latency_s")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Section(BaseModel):
+    # strict: TOML is typed, so "16" for an integer is a mistake worth reporting, not coercing.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class InputSection(_Section):
+    path: str
+    prompt_column: str | None = None
+    template: str | None = None
+    id_column: str | None = None
+    format: Literal["csv", "parquet"] | None = None
+
+
+class EndpointSection(_Section):
+    api_base: str
+    model: str = Field(min_length=1)
+    api_key_env: str | None = None
+    timeout_s: float = Field(300.0, gt=0, le=86400)
+    allow_insecure_http: bool = False
+
+
+class ParamsSection(_Section):
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+
+
+class RunSection(_Section):
+    batch_size: int = Field(16, ge=1, le=4096)
+    concurrency: int = Field(8, ge=1, le=1024)
+    max_retries: int = Field(5, ge=0, le=100)
+    retry_backoff_s: float = Field(1.0, ge=0, le=3600)
+    retry_backoff_max_s: float = Field(60.0, ge=0, le=86400)
+    checkpoint_rows: int = Field(2048, ge=1, le=1_000_000)
+    checkpoint_interval_s: float = Field(30.0, gt=0, le=86400)
+    grace_s: float = Field(10.0, ge=0, le=3600)
+
+
+class OutputSection(_Section):
+    path: str
+    state_dir: str | None = None
+
+
+class JobFile(_Section):
+    input: InputSection
+    endpoint: EndpointSection
+    params: ParamsSection = ParamsSection()
+    run: RunSection = RunSection()
+    output: OutputSection
+
+
+class JobSpec(BaseModel):
+    """A validated job with every path resolved against the job file's directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_path: Path
+    input_pattern: str
+    input_files: tuple[Path, ...]
+    input_format: Literal["csv", "parquet"]
+    columns: tuple[str, ...]
+    prompt_column: str | None
+    template: str | None
+    template_fields: tuple[str, ...]
+    id_column: str | None
+    api_base: str
+    model: str
+    api_key_env: str | None
+    timeout_s: float
+    params: dict[str, Any]
+    run: RunSection
+    output_path: Path
+    state_dir: Path
+
+    @property
+    def model_name(self) -> str:
+        """The model as sent on the wire: LiteLLM's ``custom/`` provider prefix is not sent."""
+        return self.model.removeprefix("custom/")
+
+    @property
+    def prompt_columns(self) -> tuple[str, ...]:
+        """The input columns a prompt is made from."""
+        return (self.prompt_column,) if self.prompt_column else self.template_fields
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes the outputs; a resumed run must match the one it continues."""
+        return {
+            "model": self.model_name,
+            "params": self.params,
+            "prompt_column": self.prompt_column,
+            "template": self.template,
+            "id_column": self.id_column,
+        }
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read, validate and resolve a job file; raise ``JobError`` listing every problem found."""
+    job_path = Path(path)
+    where = str(path)
+    try:
+        raw = tomllib.loads(job_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JobError(f"{where}: job file not found") from None
+    except UnicodeDecodeError as exc:
+        raise JobError(f"{where}: not UTF-8 text ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError(f"{where}: malformed TOML: {exc}") from None
+    except OSError as exc:
+        raise JobError(f"{where}: cannot read the job file ({exc.strerror})") from None
+
+    problems = _literal_key_problems(where, raw)
+    # Each section is validated on its own, so that one bad section does not hide the problems
+    # of the others, nor the checks on the input that need only [input].
+    sections: dict[str, Any] = {}
+    for key in raw:
+        if key not in JobFile.model_fields:
+            near = difflib.get_close_matches(key, list(JobFile.model_fields), n=1)
+            hint = f" (did you mean [{near[0]}]?)" if near else ""
+            problems.append(f"{where}: unknown section [{key}]{hint}")
+    for name, fld in JobFile.model_fields.items():
+        model = fld.annotation
+        if name not in raw:
+            if fld.is_required():
+                problems.append(f"{where}: missing section [{name}]")
+            else:
+                sections[name] = model()
+            continue
+        try:
+            sections[name] = model.model_validate(raw[name])
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(_describe(where, {**err, "loc": (name, *err["loc"])}))
+    spec = _resolve(where, job_path.resolve(), sections, problems)
+    if problems:
+        raise JobError(problems)
+    assert spec is not None
+    return spec
+
+
+def _literal_key_problems(where: str, raw: dict[str, Any]) -> list[str]:
+    endpoint = raw.get("endpoint")
+    if isinstance(endpoint, dict):
+        for key in ("api_key", "key", "token", "authorization"):
+            if key in endpoint:
+                # The value is never echoed: it may be a real key.
+                endpoint.pop(key)
+                return [
+                    f"{where}: endpoint.{key}: a key never sits in a job file; put it in an "
+                    "environment variable and name that variable with endpoint.api_key_env"
+                ]
+    return []
+
+
+_RULES = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "missing": "is required",
+    "string_too_short": "must not be empty",
+    "literal_error": "must be one of {expected}",
+    "model_type": "must be a table",
+    "dict_type": "must be a table",
+}
+
+
+def _describe(where: str, err: dict[str, Any]) -> str:
+    loc = [str(part) for part in err["loc"]]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        *section, key = loc
+        near = difflib.get_close_matches(key, _known_keys(section), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        return f"{where}: unknown key '{key}' in [{'.'.join(section)}]{hint}"
+    if kind in ("model_type", "dict_type") and len(loc) == 1:
+        return f"{where}: [{loc[0]}] must be a table (got {err['input']!r})"
+    rule = _RULES.get(kind)
+    rule = rule.format(**err.get("ctx", {})) if rule else err["msg"][0].lower() + err["msg"][1:]
+    name = ".".join(loc)
+    if kind == "missing":
+        return f"{where}: {name}: {rule}"
+    return f"{where}: {name}: {rule} (got {err['input']!r})"
+
+
+def _known_keys(section: list[str]) -> list[str]:
+    model: type[BaseModel] = JobFile
+    for part in section:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _resolve(
+    where: str, job_path: Path, sections: dict[str, Any], problems: list[str]
+) -> JobSpec | None:
+    """Check what needs several keys or the input itself; add to ``problems``; build the spec."""
+    # Imported here so that loading a job's syntax never pulls in pyarrow.
+    from . import source
+
+    base = job_path.parent
+    inp: InputSection | None = sections.get("input")
+    ep: EndpointSection | None = sections.get("endpoint")
+    out: OutputSection | None = sections.get("output")
+    run: RunSection | None = sections.get("run")
+    if ep is not None:
+        problems += _endpoint_problems(where, ep)
+    output_path = state_dir = None
+    if out is not None:
+        output_path = (base / out.path).resolve()
+        if output_path.suffix != ".parquet":
+            problems.append(f"{where}: output.path: must end in .parquet (got {out.path!r})")
+        state_dir = (
+            (base / out.state_dir).resolve()
+            if out.state_dir
+            else output_path.with_name(output_path.name + ".batchrun")
+        )
+    if run is not None and run.retry_backoff_max_s < run.retry_backoff_s:
+        problems.append(
+            f"{where}: run.retry_backoff_max_s: must be >= run.retry_backoff_s "
+            f"(got {run.retry_backoff_max_s!r})"
+        )
+    if inp is None:
+        return None
+
+    if (inp.prompt_column is None) == (inp.template is None):
+        problems.append(
+            f"{where}: input: set exactly one of prompt_column and template "
+            f"(got {'both' if inp.prompt_column else 'neither'})"
+        )
+    template_fields: tuple[str, ...] = ()
+    if inp.template is not None:
+        try:
+            template_fields = _template_fields(inp.template)
+        except ValueError as exc:
+            problems.append(f"{where}: input.template: {exc} (got {inp.template!r})")
+
+    files: tuple[Path, ...] = ()
+    fmt: Literal["csv", "parquet"] = inp.format or "csv"
+    columns: tuple[str, ...] = ()
+    try:
+        files = tuple(source.resolve_input(inp.path, base))
+        fmt = inp.format or source.detect_format(files)
+        columns = tuple(source.read_columns(files, fmt))
+    except JobError as exc:
+        problems += [f"{where}: input.path: {p}" for p in exc.problems]
+    if columns:
+        wanted = [("prompt_column", inp.prompt_column), ("id_column", inp.id_column)]
+        wanted += [("template", f) for f in template_fields]
+        for key, col in wanted:
+            if col is not None and col not in columns:
+                near = difflib.get_close_matches(col, columns, n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else ""
+                problems.append(
+                    f"{where}: input.{key}: column {col!r} is not in the input "
+                    f"(columns: {', '.join(columns)}){hint}"
+                )
+        clash = [c for c in columns if c in RESULT_COLUMNS]
+        if clash:
+            problems.append(
+                f"{where}: input.path: input column(s) {', '.join(map(repr, clash))} clash with "
+                f"the columns batchrun adds ({', '.join(RESULT_COLUMNS)}); rename them"
+            )
+    if problems or ep is None or run is None or output_path is None or state_dir is None:
+        return None
+    return JobSpec(
+        job_path=job_path,
+        input_pattern=inp.path,
+        input_files=files,
+        input_format=fmt,
+        columns=columns,
+        prompt_column=inp.prompt_column,
+        template=inp.template,
+        template_fields=template_fields,
+        id_column=inp.id_column,
+        api_base=ep.api_base,
+        model=ep.model,
+        api_key_env=ep.api_key_env,
+        timeout_s=ep.timeout_s,
+        params=sections["params"].model_dump(exclude_none=True),
+        run=run,
+        output_path=output_path,
+        state_dir=state_dir,
+    )
+
+
+def _endpoint_problems(where: str, ep: EndpointSection) -> list[str]:
+    problems = [] if ep.api_base == BUILTIN else _check_api_base(where, ep)
+    if ep.api_key_env is not None and not _ENV_NAME.match(ep.api_key_env):
+        # Not echoed: someone may have pasted the key itself here.
+        problems.append(
+            f"{where}: endpoint.api_key_env: must name an environment variable "
+            "(letters, digits, underscores), not hold a key"
+        )
+    return problems
+
+
+def _template_fields(template: str) -> tuple[str, ...]:
+    fields: list[str] = []
+    for _, name, spec, conv in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "" or not name.isidentifier() and not _plain_name(name):
+            raise ValueError(
+                "placeholders must name a column, like {question}; "
+                "positional {} and attribute or index access are not supported"
+            )
+        if spec or conv:
+            raise ValueError(f"placeholder {{{name}}} must not carry a format spec or conversion")
+        if name not in fields:
+            fields.append(name)
+    if not fields:
+        raise ValueError("must name at least one column, like {question}")
+    return tuple(fields)
+
+
+def _plain_name(name: str) -> bool:
+    # Column names may hold spaces or dashes; only "." and "[" change str.format's meaning.
+    return not any(ch in name for ch in ".[]")
+
+
+def _check_api_base(where: str, ep: EndpointSection) -> list[str]:
+    parts = urlsplit(ep.api_base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [
+            f"{where}: endpoint.api_base: must be an http(s) URL or \"{BUILTIN}\" "
+            f"(got {ep.api_base!r})"
+        ]
+    if parts.username or parts.password:
+        return [f"{where}: endpoint.api_base: must not carry credentials; use api_key_env"]
+    if parts.scheme == "http" and not ep.allow_insecure_http and not _is_loopback(parts.hostname):
+        return [
+            f"{where}: endpoint.api_base: plain http is only for loopback addresses; use https, "
+            f"or set endpoint.allow_insecure_http = true (got {ep.api_base!r})"
+        ]
+    return []
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,170 @@
+"""The final Parquet output: every input row once, in input order, with its result, streamed."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import source
+from .checkpoint import RunState, atomic_path
+from .errors import StateError
+
+if TYPE_CHECKING:
+    from .config import JobSpec
+
+_ARROW_OF = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+
+
+@dataclass
+class OutputStats:
+    rows: int = 0
+    succeeded: int = 0
+    failed_by_class: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failed_by_class.values())
+
+
+def params_types(json_values: list[str | None]) -> dict[str, str]:
+    """The type of each key across echoed params: bool, int, float, str, or json for anything else."""
+    types: dict[str, str] = {}
+    for raw in json_values:
+        if raw is None:
+            continue
+        for key, value in json.loads(raw).items():
+            kind = _kind(value)
+            types[key] = merge_kind(types.get(key), kind)
+    return types
+
+
+def merge_kind(a: str | None, b: str) -> str:
+    if a is None or a == b or b == "null":
+        return a or b
+    if a == "null":
+        return b
+    if {a, b} == {"int", "float"}:
+        return "float"
+    return "json"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "json"
+
+
+def params_struct(types: dict[str, str]) -> pa.DataType:
+    fields = [pa.field(k, _ARROW_OF.get(v, pa.string())) for k, v in sorted(types.items())]
+    # Parquet cannot store a struct without fields; a run whose endpoint echoed no params at all
+    # still gets a params column, holding nulls.
+    return pa.struct(fields or [pa.field("echoed", pa.string())])
+
+
+def _typed_params(column: pa.ChunkedArray, struct: pa.StructType) -> pa.Array:
+    # Echoed params take few distinct values, so decode each distinct value once and gather.
+    uniques = pc.unique(column)
+    decoded = []
+    for raw in uniques.to_pylist():
+        if raw is None:
+            decoded.append(None)
+            continue
+        doc = json.loads(raw)
+        row = {}
+        for f in struct:
+            v = doc.get(f.name)
+            if v is not None and f.type == pa.string() and not isinstance(v, str):
+                v = json.dumps(v, sort_keys=True)
+            elif v is not None and f.type == pa.float64():
+                v = float(v)
+            row[f.name] = v
+        decoded.append(row)
+    table = pa.array(decoded, type=struct)
+    return table.take(pc.index_in(column, value_set=uniques))
+
+
+def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: dict[str, str]) -> OutputStats:
+    """Join the input with the committed segments, segment by segment, into ``spec.output_path``.
+
+    Each result's row number, prompt hash and id are checked against the input row it is joined
+    to, so an output can never be written onto a row it was not answered for.
+    """
+    seg_rows = int(plan["segment_rows"])
+    struct = params_struct(types)
+    stats = OutputStats()
+    spec.output_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(spec.output_path) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for k, inp in source.iter_segments(spec.input_files, spec.input_format, None, seg_rows):
+                res = state.read_segment(k)
+                _check_alignment(spec, k, seg_rows, inp, res)
+                errors = res.column("error")
+                out = inp
+                for name, col in (
+                    ("output", res.column("output")),
+                    ("params", _typed_params(res.column("params"), struct)),
+                    ("error", errors),
+                    ("attempts", res.column("attempts")),
+                    ("latency_s", res.column("latency_s")),
+                ):
+                    out = out.append_column(name, col)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, out.schema, compression="zstd")
+                writer.write_table(out)
+                stats.rows += out.num_rows
+                for e in errors.drop_null().to_pylist():
+                    stats.failed_by_class[e.split(":", 1)[0]] += 1
+            if writer is None:
+                raise StateError("the input has no rows; nothing to write")
+        finally:
+            if writer is not None:
+                writer.close()
+    if stats.rows != plan["rows"]:
+        raise StateError(f"the input now has {stats.rows} rows, the plan {plan['rows']}")
+    stats.succeeded = stats.rows - stats.failed
+    return stats
+
+
+def _check_alignment(spec: JobSpec, k: int, seg_rows: int, inp: pa.Table, res: pa.Table) -> None:
+    start = k * seg_rows
+    rows = res.column("row").to_numpy()
+    if res.num_rows != inp.num_rows or not np.array_equal(rows, np.arange(start, start + inp.num_rows)):
+        raise StateError(
+            f"checkpoint segment {k} does not cover input rows {start}..{start + inp.num_rows - 1}; "
+            "run with --restart to redo the job"
+        )
+    expected = source.render_prompts(inp, spec).hashes()
+    if not np.array_equal(expected, res.column("prompt_hash").to_numpy()):
+        bad = int(np.argmax(expected != res.column("prompt_hash").to_numpy()))
+        raise StateError(
+            f"checkpoint segment {k} holds a result for another prompt at input row {start + bad}; "
+            "the input changed under the run: run with --restart"
+        )
+    if spec.id_column:
+        if source.id_strings(inp, spec.id_column) != res.column("id").to_pylist():
+            raise StateError(f"checkpoint segment {k} ids differ from the input's; run with --restart")
+
+
+def output_identity(path: Path) -> dict[str, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

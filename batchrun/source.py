@@ -1,0 +1,293 @@
+"""Reading CSV and Parquet input in bounded chunks: files, columns, segments, prompts and ids."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .errors import JobError
+
+if TYPE_CHECKING:
+    from .config import JobSpec
+
+# A CSV row longer than one block cannot be parsed; 16 MiB bounds memory while allowing huge fields.
+CSV_BLOCK_BYTES = 16 << 20
+# How many bytes of each file's head and tail go into its fingerprint.
+_FINGERPRINT_SAMPLE = 1 << 20
+
+
+def resolve_input(pattern: str, base: Path) -> list[Path]:
+    """The input files a pattern names, relative to ``base``, sorted so positions are stable."""
+    full = pattern if os.path.isabs(pattern) else str(base / pattern)
+    if glob.has_magic(full):
+        files = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
+        files = [p for p in files if p.is_file()]
+        if not files:
+            raise JobError(f"no file matches {pattern!r} (looked in {base})")
+        return files
+    path = Path(full).resolve()
+    if not path.is_file():
+        raise JobError(f"input file not found: {path}")
+    return [path]
+
+
+def detect_format(files: Sequence[Path]) -> str:
+    """``csv`` or ``parquet``, from the files' extensions (all files must agree)."""
+    kinds = set()
+    for f in files:
+        suffixes = [s.lower() for s in f.suffixes]
+        if ".parquet" in suffixes or ".pq" in suffixes:
+            kinds.add("parquet")
+        elif ".csv" in suffixes:
+            kinds.add("csv")
+        else:
+            raise JobError(
+                f"cannot tell the format of {f.name} from its extension; set input.format"
+            )
+    if len(kinds) > 1:
+        raise JobError("the input mixes CSV and Parquet files; use one format per job")
+    return kinds.pop()
+
+
+def read_columns(files: Sequence[Path], fmt: str) -> list[str]:
+    """The input's column names; every file of a glob must have the same ones, in order."""
+    first: list[str] | None = None
+    for f in files:
+        cols = _column_names(f, fmt)
+        if first is None:
+            first = cols
+        elif cols != first:
+            raise JobError(
+                f"{f.name} has columns {cols}, but {files[0].name} has {first}; "
+                "every input file must have the same columns"
+            )
+    if first is not None and len(set(first)) != len(first):
+        dup = sorted({c for c in first if first.count(c) > 1})
+        raise JobError(f"the input has duplicate column names: {dup}")
+    return first or []
+
+
+def _column_names(path: Path, fmt: str) -> list[str]:
+    if fmt == "csv":
+        return _csv_header(path)
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise JobError(f"cannot read {path.name} as parquet: {exc}") from None
+
+
+def _open_csv(path: Path, columns: Sequence[str] | None) -> pacsv.CSVStreamingReader:
+    # Every CSV column is read as text: a type guessed from the first block can turn out wrong
+    # millions of rows later, and CSV carries text anyway. Nothing is lost; nothing is guessed.
+    names = _csv_header(path)
+    return pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names},
+            include_columns=list(columns) if columns is not None else None,
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            names = next(csv.reader(fh), [])
+    except UnicodeDecodeError:
+        raise JobError(f"{path.name}: the header is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise JobError(f"{path.name}: cannot parse the CSV header: {exc}") from None
+    if not names:
+        raise JobError(f"{path.name} is empty: a CSV input needs a header row")
+    return names
+
+
+def iter_batches(
+    files: Sequence[Path], fmt: str, columns: Sequence[str] | None, chunk_rows: int = 65536
+) -> Iterator[pa.RecordBatch]:
+    """Stream the input's rows in order, chunk by chunk, never holding the whole input."""
+    for f in files:
+        try:
+            if fmt == "parquet":
+                pf = pq.ParquetFile(f)
+                try:
+                    yield from pf.iter_batches(
+                        batch_size=chunk_rows, columns=list(columns) if columns else None
+                    )
+                finally:
+                    pf.close()
+            else:
+                reader = _open_csv(f, columns)
+                try:
+                    yield from reader
+                finally:
+                    reader.close()
+        except pa.ArrowInvalid as exc:
+            raise JobError(f"cannot read {f.name} as {fmt}: {exc}") from None
+
+
+def iter_segments(
+    files: Sequence[Path], fmt: str, columns: Sequence[str] | None, segment_rows: int
+) -> Iterator[tuple[int, pa.Table]]:
+    """Yield ``(k, table)`` where table holds input rows ``[k*segment_rows, (k+1)*segment_rows)``."""
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    k = 0
+    for batch in iter_batches(files, fmt, columns, chunk_rows=max(segment_rows, 1024)):
+        if batch.num_rows == 0:
+            continue
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= segment_rows:
+            table = pa.Table.from_batches(pending)
+            yield k, table.slice(0, segment_rows)
+            k += 1
+            rest = table.slice(segment_rows)
+            pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield k, pa.Table.from_batches(pending)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts of a run of rows: ``text[i]`` is None where ``reason[i]`` says why it is not sent."""
+
+    text: list[str | None]
+    reason: list[str | None]
+
+    def hashes(self) -> np.ndarray:
+        return prompt_hashes(self.text)
+
+
+def render_prompts(table: pa.Table, spec: JobSpec) -> Prompts:
+    """Build each row's prompt from its column or template; null and empty prompts are not sent."""
+    if spec.prompt_column is not None:
+        values = table.column(spec.prompt_column).to_pylist()
+        texts: list[str | None] = []
+        reasons: list[str | None] = []
+        for v in values:
+            if v is None:
+                texts.append(None)
+                reasons.append(f"empty prompt: {spec.prompt_column} is null; not sent")
+            elif not isinstance(v, str):
+                texts.append(str(v))
+                reasons.append(None)
+            elif v.strip() == "":
+                texts.append(None)
+                reasons.append(f"empty prompt: {spec.prompt_column} is empty; not sent")
+            else:
+                texts.append(v)
+                reasons.append(None)
+        return Prompts(texts, reasons)
+
+    assert spec.template is not None
+    cols = {f: table.column(f).to_pylist() for f in spec.template_fields}
+    texts, reasons = [], []
+    for i in range(table.num_rows):
+        row = {f: cols[f][i] for f in spec.template_fields}
+        nulls = [f for f, v in row.items() if v is None]
+        if nulls:
+            texts.append(None)
+            reasons.append(f"empty prompt: template column {nulls[0]!r} is null; not sent")
+            continue
+        text = spec.template.format_map(row)
+        if text.strip() == "":
+            texts.append(None)
+            reasons.append("empty prompt: the template rendered to nothing; not sent")
+        else:
+            texts.append(text)
+            reasons.append(None)
+    return Prompts(texts, reasons)
+
+
+def prompt_hash(text: str | None) -> int:
+    """A stable 63-bit digest of a prompt, stored beside each result to prove which row it is for."""
+    if text is None:
+        return 0
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def prompt_hashes(texts: Sequence[str | None]) -> np.ndarray:
+    return np.fromiter((prompt_hash(t) for t in texts), dtype=np.int64, count=len(texts))
+
+
+def id_strings(table: pa.Table, column: str) -> list[str | None]:
+    """Ids as text, the form checkpoint files keep them in (whatever the column's type)."""
+    return pl.from_arrow(table.select([column])).to_series().cast(pl.String).to_list()
+
+
+def count_rows_and_check_ids(spec: JobSpec) -> int:
+    """Count the input's rows; with an id column, refuse null or duplicate ids, naming some."""
+    if spec.input_format == "parquet" and spec.id_column is None:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in spec.input_files)
+    cols = [spec.id_column] if spec.id_column else [spec.columns[0]]
+    total = 0
+    digests: list[np.ndarray] = []
+    for batch in iter_batches(spec.input_files, spec.input_format, cols):
+        total += batch.num_rows
+        if spec.id_column:
+            ids = pl.from_arrow(batch.column(0)).cast(pl.String)
+            if ids.null_count():
+                raise JobError(
+                    f"id column {spec.id_column!r} has a null value near row {total - batch.num_rows + int(ids.is_null().arg_true()[0])}; ids must be set on every row"
+                )
+            digests.append(ids.hash(seed=0).to_numpy())
+    if spec.id_column and digests:
+        _refuse_duplicate_ids(spec, np.concatenate(digests))
+    return total
+
+
+def _refuse_duplicate_ids(spec: JobSpec, digests: np.ndarray) -> None:
+    # Hashes keep the check in bounded memory (8 bytes a row); a hash collision is then confirmed
+    # against the real ids in a second pass, so a collision alone never refuses a job.
+    ordered = np.sort(digests)
+    clash = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if clash.size == 0:
+        return
+    suspects = pl.Series(clash)
+    seen: dict[str, int] = {}
+    for batch in iter_batches(spec.input_files, spec.input_format, [spec.id_column]):
+        ids = pl.from_arrow(batch.column(0)).cast(pl.String)
+        for value in ids.filter(ids.hash(seed=0).is_in(suspects.implode())).to_list():
+            seen[value] = seen.get(value, 0) + 1
+    dups = [v for v, n in seen.items() if n > 1]
+    if dups:
+        shown = ", ".join(repr(v) for v in dups[:5])
+        more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
+        raise JobError(
+            f"id column {spec.id_column!r} must be unique; duplicated: {shown}{more}"
+        )
+
+
+def fingerprint(files: Sequence[Path]) -> list[dict[str, object]]:
+    """Identify the input cheaply: each file's name, size, mtime and a digest of its head and tail."""
+    out = []
+    for f in files:
+        st = f.stat()
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(_FINGERPRINT_SAMPLE))
+            if st.st_size > 2 * _FINGERPRINT_SAMPLE:
+                fh.seek(-_FINGERPRINT_SAMPLE, os.SEEK_END)
+                h.update(fh.read(_FINGERPRINT_SAMPLE))
+        out.append(
+            {"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha256": h.hexdigest()}
+        )
+    return out
