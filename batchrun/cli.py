@@ -16,13 +16,16 @@ from .errors import BatchrunError, JobError
 log = logging.getLogger("batchrun")
 
 
+_GROUP_OPTIONS = {"-h", "--help", "--version"}
+
+
 class _DefaultToRun(click.Group):
     """``batchrun JOB.toml`` means ``batchrun run JOB.toml``."""
 
-    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[override]
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in _GROUP_OPTIONS:
             args = ["run", *args]
-        return super().resolve_command(ctx, args)
+        return super().parse_args(ctx, args)
 
 
 @click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,6 +56,11 @@ def _boundary(debug: bool, fn, *args, **kwargs):
     except KeyboardInterrupt:
         click.echo("batchrun: interrupted; run the same command to resume", err=True)
         sys.exit(130)
+    except Exception as exc:  # the one boundary: anything unplanned is still one clear line
+        if debug:
+            traceback.print_exc()
+        click.echo(f"batchrun: error: unexpected {exc.__class__.__name__}: {exc} (use --debug for a traceback)", err=True)
+        sys.exit(1)
 
 
 @main.command()

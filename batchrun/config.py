@@ -23,7 +23,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 class _Section(BaseModel):
     # strict: TOML is typed, so "16" for an integer is a mistake worth reporting, not coercing.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class InputSection(_Section):
@@ -55,6 +55,10 @@ class RunSection(_Section):
     max_retries: int = Field(5, ge=0, le=100)
     retry_backoff_s: float = Field(1.0, ge=0, le=3600)
     retry_backoff_max_s: float = Field(60.0, ge=0, le=86400)
+    retry_after_max_s: float = Field(120.0, ge=0, le=86400)
+    outage_after_failures: int = Field(20, ge=1, le=1_000_000)
+    requests_per_minute: float | None = Field(None, gt=0)
+    prompts_per_minute: float | None = Field(None, gt=0)
     checkpoint_rows: int = Field(2048, ge=1, le=1_000_000)
     checkpoint_interval_s: float = Field(30.0, gt=0, le=86400)
     grace_s: float = Field(10.0, ge=0, le=3600)
@@ -239,6 +243,14 @@ def _resolve(
         output_path = (base / out.path).resolve()
         if output_path.suffix != ".parquet":
             problems.append(f"{where}: output.path: must end in .parquet (got {out.path!r})")
+        elif output_path.is_dir():
+            problems.append(f"{where}: output.path: is a directory, not a file ({output_path})")
+        else:
+            blocker = next((p for p in output_path.parents if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                problems.append(
+                    f"{where}: output.path: {blocker} is a file, so the output folder cannot be made"
+                )
         state_dir = (
             (base / out.state_dir).resolve()
             if out.state_dir
@@ -278,8 +290,7 @@ def _resolve(
         wanted += [("template", f) for f in template_fields]
         for key, col in wanted:
             if col is not None and col not in columns:
-                near = difflib.get_close_matches(col, columns, n=1)
-                hint = f"; did you mean '{near[0]}'?" if near else ""
+                hint = _near_column(col, columns)
                 problems.append(
                     f"{where}: input.{key}: column {col!r} is not in the input "
                     f"(columns: {', '.join(columns)}){hint}"
@@ -313,6 +324,12 @@ def _resolve(
     )
 
 
+def _near_column(name: str, columns: tuple[str, ...]) -> str:
+    by_lower = {c.lower(): c for c in columns}
+    near = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return f"; did you mean '{by_lower[near[0]]}'?" if near else ""
+
+
 def _endpoint_problems(where: str, ep: EndpointSection) -> list[str]:
     problems = [] if ep.api_base == BUILTIN else _check_api_base(where, ep)
     if ep.api_key_env is not None and not _ENV_NAME.match(ep.api_key_env):
@@ -329,7 +346,7 @@ def _template_fields(template: str) -> tuple[str, ...]:
     for _, name, spec, conv in string.Formatter().parse(template):
         if name is None:
             continue
-        if name == "" or not name.isidentifier() and not _plain_name(name):
+        if name == "" or name.isdigit() or not name.isidentifier() and not _plain_name(name):
             raise ValueError(
                 "placeholders must name a column, like {question}; "
                 "positional {} and attribute or index access are not supported"

@@ -245,8 +245,10 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
         if spec.id_column:
             ids = pl.from_arrow(batch.column(0)).cast(pl.String)
             if ids.null_count():
+                row = total - batch.num_rows + int(ids.is_null().arg_true()[0])
                 raise JobError(
-                    f"id column {spec.id_column!r} has a null value near row {total - batch.num_rows + int(ids.is_null().arg_true()[0])}; ids must be set on every row"
+                    f"{spec.job_path}: input.id_column: column {spec.id_column!r} is null at "
+                    f"input row {row}; ids must be set on every row"
                 )
             digests.append(ids.hash(seed=0).to_numpy())
     if spec.id_column and digests:
@@ -272,7 +274,8 @@ def _refuse_duplicate_ids(spec: JobSpec, digests: np.ndarray) -> None:
         shown = ", ".join(repr(v) for v in dups[:5])
         more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
         raise JobError(
-            f"id column {spec.id_column!r} must be unique; duplicated: {shown}{more}"
+            f"{spec.job_path}: input.id_column: column {spec.id_column!r} must be unique; "
+            f"duplicated: {shown}{more}"
         )
 
 
