@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import random
 import time
 from collections import Counter
@@ -11,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aiolimiter import AsyncLimiter
 
-from .errors import AuthError, EndpointError
+from .errors import AuthError, EndpointError, OutageError
 from .protocol import Answer, ResponseError, build_request, match_response
 
 # A hostile or broken endpoint must not exhaust memory: responses larger than this are refused.
@@ -39,11 +41,12 @@ class Accounting:
     prompts_sent: int = 0
     prompts_resent: int = 0
     retries: Counter[str] = field(default_factory=Counter)
+    throttle_wait_s: float = 0.0
 
 
 class _Transient(Exception):
-    def __init__(self, cause: str, reason: str):
-        self.cause, self.reason = cause, reason
+    def __init__(self, cause: str, reason: str, retry_after: float | None = None):
+        self.cause, self.reason, self.retry_after = cause, reason, retry_after
 
 
 class _Rejected(Exception):
@@ -53,14 +56,69 @@ class _Rejected(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter; the one place that decides when and how long to wait."""
+    """When and how long to wait before trying again: the one place that decides it.
+
+    Exponential backoff with full jitter, raised to the endpoint's ``Retry-After`` (capped), and
+    an outage verdict after ``outage_after`` failed attempts in a row across all requests.
+    """
 
     max_retries: int
     base_s: float
     cap_s: float
+    retry_after_cap_s: float = 120.0
+    outage_after: int = 20
 
-    def delay(self, retry: int) -> float:
-        return random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** (retry - 1)))
+    def delay(self, retry: int, retry_after: float | None = None) -> float:
+        jitter = random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** (retry - 1)))
+        if retry_after is None:
+            return jitter
+        return max(jitter, min(retry_after, self.retry_after_cap_s))
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class Throttle:
+    """Shared by every request of a run: smooth rate limits and the pause a 429 imposes on all.
+
+    Buckets hold one request and one batch of prompts, so the rate is held evenly from the first
+    second instead of allowing a minute's worth in a burst.
+    """
+
+    def __init__(self, requests_per_minute: float | None, prompts_per_minute: float | None, batch_size: int):
+        self._requests = AsyncLimiter(1, 60.0 / requests_per_minute) if requests_per_minute else None
+        self._batch = batch_size
+        self._prompts = (
+            AsyncLimiter(batch_size, batch_size * 60.0 / prompts_per_minute) if prompts_per_minute else None
+        )
+        self._paused_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    async def wait(self, prompts: int) -> float:
+        """Wait for a turn to send ``prompts`` prompts; return the seconds waited."""
+        started = time.monotonic()
+        while (left := self._paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        if self._requests is not None:
+            await self._requests.acquire()
+        if self._prompts is not None:
+            await self._prompts.acquire(min(prompts, self._batch))
+        return time.monotonic() - started
 
 
 class EndpointClient:
@@ -74,6 +132,8 @@ class EndpointClient:
         params: dict[str, Any],
         policy: RetryPolicy,
         api_key: str | None = None,
+        throttle: Throttle | None = None,
+        accounting: Accounting | None = None,
     ):
         self._session = session
         self._url = url
@@ -83,7 +143,9 @@ class EndpointClient:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self.accounting = Accounting()
+        self._throttle = throttle or Throttle(None, None, 1)
+        self._failures_in_a_row = 0
+        self.accounting = accounting if accounting is not None else Accounting()
 
     async def process(self, prompts: Sequence[str]) -> list[RowOutcome]:
         """Answer every prompt, retrying failed attempts and splitting refused batches."""
@@ -100,11 +162,12 @@ class EndpointClient:
         outcomes: list[RowOutcome | None],
         attempts: list[int],
     ) -> None:
-        cause, reason = "", ""
+        cause, reason, retry_after = "", "", None
         for attempt in range(self._policy.max_retries + 1):
             if attempt:
                 self.accounting.retries[cause] += 1
-                await asyncio.sleep(self._policy.delay(attempt))
+                await asyncio.sleep(self._policy.delay(attempt, retry_after))
+            self.accounting.throttle_wait_s += await self._throttle.wait(len(pending))
             for i in pending:
                 if attempts[i]:
                     self.accounting.prompts_resent += 1
@@ -113,7 +176,8 @@ class EndpointClient:
             try:
                 matched = await self._attempt([prompts[i] for i in pending])
             except _Transient as exc:
-                cause, reason = exc.cause, exc.reason
+                cause, reason, retry_after = exc.cause, exc.reason, exc.retry_after
+                self._failed_attempt(exc)
                 continue
             except _Rejected as exc:
                 if len(pending) == 1:
@@ -127,16 +191,30 @@ class EndpointClient:
                 await self._process(pending[half:], prompts, outcomes, attempts)
                 return
             latency = time.monotonic() - started
+            self._failures_in_a_row = 0
             for j, answer in matched.answers.items():
                 i = pending[j]
                 outcomes[i] = RowOutcome(answer, None, attempts[i], latency)
             pending = [i for j, i in enumerate(pending) if j not in matched.answers]
             if not pending:
                 return
-            cause, reason = "invalid_response", matched.problem or "invalid response"
+            cause, reason, retry_after = "invalid_response", matched.problem or "invalid response", None
         for i in pending:
             outcomes[i] = RowOutcome(
                 None, f"{cause}: {reason} (gave up after {attempts[i]} attempts)", attempts[i], None
+            )
+
+    def _failed_attempt(self, exc: _Transient) -> None:
+        if exc.cause == "http_429":
+            # The endpoint is saturated: everyone backs off, not only this request.
+            self._throttle.pause(self._policy.delay(1, exc.retry_after))
+            return
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= self._policy.outage_after:
+            raise OutageError(
+                f"the endpoint failed {self._failures_in_a_row} attempts in a row "
+                f"(last: {exc.cause}: {exc.reason}); stopped early with progress kept: "
+                "run the same command when the endpoint is back"
             )
 
     async def _attempt(self, prompts: list[str]):
@@ -158,7 +236,11 @@ class EndpointClient:
                         "endpoint.api_base to the final URL"
                     )
                 if status in RETRY_STATUSES or status >= 500:
-                    raise _Transient(f"http_{status}", f"HTTP {status}: {_snippet(raw)}")
+                    raise _Transient(
+                        f"http_{status}",
+                        f"HTTP {status}: {_snippet(raw)}",
+                        parse_retry_after(resp.headers.get("Retry-After")),
+                    )
                 if 400 <= status < 500:
                     raise _Rejected(status, _snippet(raw))
                 if status != 200:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from . import source
 from .checkpoint import RESULT_SCHEMA, RunState, SegmentInfo
-from .client import EndpointClient, RetryPolicy, RowOutcome, make_session
+from .client import Accounting, EndpointClient, RetryPolicy, RowOutcome, Throttle, make_session
 from .config import BUILTIN, JobSpec, load_job
 from .errors import BatchrunError, InterruptedRun, JobError, StateError
 from .protocol import Answer
@@ -59,6 +59,7 @@ class RunSummary:
     prompts_sent: int = 0
     prompts_resent: int = 0
     retries_by_cause: dict[str, int] = field(default_factory=dict)
+    throttle_wait_s: float = 0.0
     duration_s: float = 0.0
     output_path: str = ""
     message: str = ""
@@ -169,6 +170,7 @@ def _account(summary: RunSummary, engine: _Engine) -> None:
     summary.prompts_sent = acc.prompts_sent
     summary.prompts_resent = acc.prompts_resent
     summary.retries_by_cause = dict(acc.retries)
+    summary.throttle_wait_s = acc.throttle_wait_s
     summary.rows_answered_this_run = engine.answered
 
 
@@ -327,7 +329,7 @@ class _Engine:
         done = sum(i.rows for k, i in infos.items() if k not in self.todo)
         failed = sum(i.failed for k, i in infos.items() if k not in self.todo)
         self.progress = Progress(total=plan["rows"], done=done, failed=failed, sent=0, elapsed_s=0.0)
-        self.accounting = None  # set when the client exists
+        self.accounting = Accounting()
 
     # -- orchestration --------------------------------------------------------------------------
     async def run(self, handle_signals: bool) -> None:
@@ -342,19 +344,23 @@ class _Engine:
                 server_runner, url, _ = await server.start_server("127.0.0.1", 0)
                 log.info("started the builtin reference endpoint at %s", url)
             async with make_session(self.spec.run.concurrency, self.spec.timeout_s) as session:
+                run = self.spec.run
                 client = EndpointClient(
                     session,
                     url,
                     self.spec.model_name,
                     self.spec.params,
                     RetryPolicy(
-                        self.spec.run.max_retries,
-                        self.spec.run.retry_backoff_s,
-                        self.spec.run.retry_backoff_max_s,
+                        max_retries=run.max_retries,
+                        base_s=run.retry_backoff_s,
+                        cap_s=run.retry_backoff_max_s,
+                        retry_after_cap_s=run.retry_after_max_s,
+                        outage_after=run.outage_after_failures,
                     ),
                     api_key=self.api_key,
+                    throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
+                    accounting=self.accounting,
                 )
-                self.accounting = client.accounting
                 await self._pipeline(client)
         finally:
             if server_runner is not None:
@@ -411,10 +417,13 @@ class _Engine:
                     await queue.put(_Batch(seg, rows))
                     if self.stop.is_set():
                         break
-        finally:
-            if not self.stop.is_set():
-                for _ in range(workers):
-                    await queue.put(None)
+        except asyncio.CancelledError:
+            # Cancelled because the run is failing or stopping: the workers are going too, so
+            # nobody would take end markers from a full queue; awaiting a put would hang forever.
+            raise
+        if not self.stop.is_set():
+            for _ in range(workers):
+                await queue.put(None)
 
     def _needed_columns(self) -> list[str]:
         cols = list(self.spec.prompt_columns)
