@@ -17,8 +17,8 @@ from aiolimiter import AsyncLimiter
 from .errors import AuthError, EndpointError, OutageError
 from .protocol import Answer, ResponseError, build_request, match_response
 
-# A hostile or broken endpoint must not exhaust memory: responses larger than this are refused.
-MAX_RESPONSE_BYTES = 256 << 20
+# A hostile or broken endpoint must not exhaust memory: larger responses are refused.
+DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
 # Statuses worth retrying; other 4xx mean the request itself is refused.
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
 
@@ -134,6 +134,7 @@ class EndpointClient:
         api_key: str | None = None,
         throttle: Throttle | None = None,
         accounting: Accounting | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
         self._session = session
         self._url = url
@@ -144,6 +145,7 @@ class EndpointClient:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._throttle = throttle or Throttle(None, None, 1)
+        self._max_bytes = max_response_bytes
         self._failures_in_a_row = 0
         self.accounting = accounting if accounting is not None else Accounting()
 
@@ -225,7 +227,7 @@ class EndpointClient:
             async with self._session.post(
                 self._url, data=body, headers=self._headers, allow_redirects=False
             ) as resp:
-                raw = await _read_capped(resp)
+                raw = await _read_capped(resp, self._max_bytes)
                 status = resp.status
                 if status in (401, 403):
                     raise AuthError(status, _snippet(raw))
@@ -263,15 +265,15 @@ class _ResponseTooLarge(Exception):
     pass
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
     declared = resp.content_length
-    if declared is not None and declared > MAX_RESPONSE_BYTES:
-        raise _ResponseTooLarge(f"response body of {declared} bytes exceeds the {MAX_RESPONSE_BYTES}-byte cap")
+    if declared is not None and declared > cap:
+        raise _ResponseTooLarge(f"response body of {declared} bytes exceeds the {cap}-byte cap (endpoint.max_response_mb)")
     chunks, size = [], 0
     async for chunk in resp.content.iter_chunked(1 << 16):
         size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise _ResponseTooLarge(f"response body exceeds the {MAX_RESPONSE_BYTES}-byte cap")
+        if size > cap:
+            raise _ResponseTooLarge(f"response body exceeds the {cap}-byte cap (endpoint.max_response_mb)")
         chunks.append(chunk)
     return b"".join(chunks)
 

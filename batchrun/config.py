@@ -39,6 +39,7 @@ class EndpointSection(_Section):
     model: str = Field(min_length=1)
     api_key_env: str | None = None
     timeout_s: float = Field(300.0, gt=0, le=86400)
+    max_response_mb: float = Field(256.0, gt=0, le=65536)
     allow_insecure_http: bool = False
 
 
@@ -95,6 +96,7 @@ class JobSpec(BaseModel):
     model: str
     api_key_env: str | None
     timeout_s: float
+    max_response_bytes: int
     params: dict[str, Any]
     run: RunSection
     output_path: Path
@@ -317,6 +319,7 @@ def _resolve(
         model=ep.model,
         api_key_env=ep.api_key_env,
         timeout_s=ep.timeout_s,
+        max_response_bytes=int(ep.max_response_mb * (1 << 20)),
         params=sections["params"].model_dump(exclude_none=True),
         run=run,
         output_path=output_path,

@@ -74,11 +74,13 @@ class RunSummary:
             else ""
         )
         retries = sum(self.retries_by_cause.values())
+        causes = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_cause.items()))
+        throttled = f", {self.throttle_wait_s:.1f}s throttled" if self.throttle_wait_s >= 0.05 else ""
         return (
             f"batchrun: {self.status}: {self.succeeded}/{self.total_rows} rows succeeded{failed}; "
             f"this run answered {self.rows_answered_this_run} rows in {self.requests} requests "
-            f"({retries} retries, {self.prompts_resent} prompts resent) in {self.duration_s:.1f}s; "
-            f"output: {self.output_path}"
+            f"({retries} retries{': ' + causes if causes else ''}, {self.prompts_resent} prompts "
+            f"resent{throttled}) in {self.duration_s:.1f}s; output: {self.output_path}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,6 +362,7 @@ class _Engine:
                     api_key=self.api_key,
                     throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
                     accounting=self.accounting,
+                    max_response_bytes=self.spec.max_response_bytes,
                 )
                 await self._pipeline(client)
         finally:

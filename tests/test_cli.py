@@ -52,11 +52,12 @@ def handled(result: Result) -> bool:
 
 def summary_pattern(
     status: str, ok: int, total: int, answered: int, requests: int, output: Path, *,
-    failed: str = "", retries: int = 0, resent: int = 0,
+    failed: str = "", retries: int = 0, resent: int = 0, causes: str = "",
 ) -> str:
+    causes = re.escape(f": {causes}") if causes else ""
     return (
         rf"batchrun: {status}: {ok}/{total} rows succeeded{re.escape(failed)}; this run answered "
-        rf"{answered} rows in {requests} requests \({retries} retries, {resent} prompts resent\) "
+        rf"{answered} rows in {requests} requests \({retries} retries{causes}, {resent} prompts resent\) "
         rf"in \d+\.\ds; output: {re.escape(str(output))}\n"
     )
 
@@ -163,7 +164,7 @@ def test_rows_failing_every_retry_exit_3_and_carry_their_error(tmp_path: Path) -
     assert re.fullmatch(
         summary_pattern(
             "complete_with_failed_rows", 0, 10, 0, 12, output_of(tmp_path),
-            failed=", 10 failed (http_500 10)", retries=9, resent=30,
+            failed=", 10 failed (http_500 10)", retries=9, resent=30, causes="http_500 9",
         ),
         result.stdout,
     )
