@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 import uuid
@@ -86,22 +87,47 @@ def _storage_error(exc: OSError, what: Path) -> StorageError:
     return StorageError(f"cannot write {what}: {reason}; free space and run the same command")
 
 
+def crashpoint(step: str) -> None:
+    """Kill this process with SIGKILL right after ``step`` when ``BATCHRUN_CRASH_AT`` names it.
+
+    The switch the crash tests use to stop the process at every step of the commit path:
+    ``BATCHRUN_CRASH_AT=segment:renamed`` dies at the first such step, ``...@3`` at the third.
+    Costs one dictionary lookup when unset.
+    """
+    wanted = os.environ.get("BATCHRUN_CRASH_AT")
+    if not wanted:
+        return
+    name, _, nth = wanted.partition("@")
+    if name != step:
+        return
+    _crash_counts[step] = _crash_counts.get(step, 0) + 1
+    if _crash_counts[step] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_crash_counts: dict[str, int] = {}
+
+
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, kind: str = "file") -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success fsync it and rename it into place.
 
     A reader sees the old file or the complete new one, never a half-written one; a crash
-    leaves only a ``.tmp-`` file, which the next run ignores and clears.
+    leaves only a ``.tmp-`` file, which the next run ignores and clears. ``kind`` names the
+    crash points: ``<kind>:written``, ``<kind>:fsynced``, ``<kind>:renamed``.
     """
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        crashpoint(f"{kind}:written")
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        crashpoint(f"{kind}:fsynced")
         os.replace(tmp, final)
+        crashpoint(f"{kind}:renamed")
         fsync_dir(final.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -113,8 +139,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
+def write_json_atomic(path: Path, doc: dict[str, Any], kind: str = "json") -> None:
+    with atomic_path(path, kind) as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -127,6 +153,23 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def write_checked(table: pa.Table, path: Path) -> None:
+    # Page checksums let a reader tell a damaged file from a good one instead of trusting it.
+    pq.write_table(table, path, compression="zstd", write_page_checksum=True)
+
+
+def read_checked(path: Path) -> pa.Table:
+    return pq.read_table(path, schema=RESULT_SCHEMA, page_checksum_verification=True)
+
+
+class DamagedStateError(Exception):
+    """A checkpoint file did not read back whole; it has been removed and its rows will be redone."""
+
+    def __init__(self, k: int, detail: str):
+        self.segment = k
+        super().__init__(f"checkpoint segment {k} was damaged ({detail}); its rows will be redone")
+
+
 class RunState:
     """One job's run directory."""
 
@@ -134,14 +177,16 @@ class RunState:
         self.root = root
         self.segments_dir = root / "segments"
         self.partial_dir = root / "partial"
+        self.journal_dir = root / "journal"
         self.plan_path = root / "plan.json"
         self.finished_path = root / "finished.json"
         self.lock_path = root / "lock"
+        self.carry_path = root / "carry.parquet"
 
     # -- set-up ---------------------------------------------------------------------------------
     def ensure_dirs(self) -> None:
         try:
-            for d in (self.root, self.segments_dir, self.partial_dir):
+            for d in (self.root, self.segments_dir, self.partial_dir, self.journal_dir):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             if exc.errno in _STORAGE_ERRNOS:
@@ -170,26 +215,67 @@ class RunState:
             os.close(fd)  # closing releases the flock; the file stays
 
     def reset(self) -> None:
-        """Discard all progress (``--restart``): segments, partials, plan and finish marker."""
-        for d in (self.segments_dir, self.partial_dir):
+        """Discard all progress (``--restart``): segments, partials, carry, plan, finish marker."""
+        self.drop_progress()
+        for f in (self.plan_path, self.carry_path):
+            f.unlink(missing_ok=True)
+
+    def drop_progress(self) -> None:
+        """Remove segments, partials, journals and the finish marker; keep plan and carry."""
+        for d in (self.segments_dir, self.partial_dir, self.journal_dir):
             if d.exists():
                 for f in d.iterdir():
                     f.unlink()
-        for f in (self.plan_path, self.finished_path):
-            f.unlink(missing_ok=True)
+        self.finished_path.unlink(missing_ok=True)
 
-    def clear_temporaries(self) -> None:
-        """Remove ``.tmp-`` files left by a crashed writer (never visible under a final name)."""
-        for d in (self.root, self.segments_dir, self.partial_dir):
-            for f in d.glob(".*.tmp-*"):
+    # -- carry (incremental runs by id) ----------------------------------------------------------
+    def read_carry(self, start: int, stop: int) -> pa.Table | None:
+        """Answers carried from a previous input for new rows ``[start, stop)``."""
+        if not self.carry_path.exists():
+            return None
+        try:
+            return pq.read_table(
+                self.carry_path,
+                schema=RESULT_SCHEMA,
+                filters=[("row", ">=", start), ("row", "<", stop)],
+                page_checksum_verification=True,
+            )
+        except (OSError, pa.ArrowException):
+            self.carry_path.unlink(missing_ok=True)  # damaged: those rows are simply sent again
+            return None
+
+    def drop_carry(self) -> None:
+        self.carry_path.unlink(missing_ok=True)
+
+    def clear_leftovers(self, output: Path) -> None:
+        """Remove what a crashed run can leave: ``.tmp-`` files (never visible under a final
+        name), and partial files and journals of segments committed since they were written."""
+        for d, pattern in (
+            (self.root, ".*.tmp-*"),
+            (self.segments_dir, ".*.tmp-*"),
+            (self.partial_dir, ".*.tmp-*"),
+            (self.root, ".incoming.parquet"),
+            (output.parent, f".{output.name}.tmp-*"),
+        ):
+            if d.exists():
+                for f in d.glob(pattern):
+                    f.unlink(missing_ok=True)
+        for k in self.partial_segments():
+            if self.segment_path(k).exists():
+                self.drop_partials(k)
+        for f in self.journal_dir.glob("seg-*.sent"):
+            if self.segments_dir.joinpath(f.name.replace(".sent", ".parquet")).exists():
                 f.unlink(missing_ok=True)
+
+    def has_progress(self) -> bool:
+        return any(self.segments_dir.glob("seg-*.parquet")) or any(self.partial_dir.glob("seg-*.parquet"))
 
     # -- plan -----------------------------------------------------------------------------------
     def read_plan(self) -> dict[str, Any] | None:
         return read_json(self.plan_path)
 
     def write_plan(self, plan: dict[str, Any]) -> None:
-        write_json_atomic(self.plan_path, {"version": PLAN_VERSION, **plan})
+        write_json_atomic(self.plan_path, {"version": PLAN_VERSION, **plan}, "plan")
 
     # -- segments -------------------------------------------------------------------------------
     def segment_path(self, k: int) -> Path:
@@ -220,19 +306,28 @@ class RunState:
         return out
 
     def read_segment(self, k: int) -> pa.Table:
-        return pq.read_table(self.segment_path(k), schema=RESULT_SCHEMA)
+        """Segment ``k``'s results, every page checked against its CRC; ``DamagedStateError``
+        (and the file removed, so its rows are redone) when it does not read back whole."""
+        path = self.segment_path(k)
+        try:
+            return read_checked(path)
+        except (OSError, pa.ArrowException) as exc:
+            path.unlink(missing_ok=True)
+            raise DamagedStateError(k, str(exc)) from None
 
     def commit_segment(self, k: int, table: pa.Table, info: SegmentInfo) -> None:
         """Publish segment ``k`` (every row resolved, sorted by row), then drop its partials."""
         table = table.replace_schema_metadata(info.metadata(k))
-        with atomic_path(self.segment_path(k)) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+        with atomic_path(self.segment_path(k), "segment") as tmp:
+            write_checked(table, tmp)
+        crashpoint("segment:published")
         self.drop_partials(k)
+        self.drop_journal(k)
 
     # -- partials -------------------------------------------------------------------------------
     def write_partial(self, k: int, run_id: str, table: pa.Table) -> None:
-        with atomic_path(self.partial_dir / f"seg-{k:08d}.{run_id}.parquet") as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+        with atomic_path(self.partial_dir / f"seg-{k:08d}.{run_id}.parquet", "partial") as tmp:
+            write_checked(table, tmp)
 
     def partial_segments(self) -> set[int]:
         out = set()
@@ -248,7 +343,7 @@ class RunState:
         tables = []
         for f in sorted(self.partial_dir.glob(f"seg-{k:08d}.*.parquet")):
             try:
-                tables.append(pq.read_table(f, schema=RESULT_SCHEMA))
+                tables.append(read_checked(f))
             except (OSError, pa.ArrowException):
                 f.unlink(missing_ok=True)
         if not tables:
@@ -259,12 +354,46 @@ class RunState:
         for f in self.partial_dir.glob(f"seg-{k:08d}.*.parquet"):
             f.unlink(missing_ok=True)
 
+    # -- journal of rows sent ------------------------------------------------------------------
+    # Accounting only, never truth: which rows of an unfinished segment were already sent, so a
+    # run after a crash can count the prompts it sends a second time. Appends are not fsynced;
+    # a power loss can only make that count low.
+    def _journal_path(self, k: int) -> Path:
+        return self.journal_dir / f"seg-{k:08d}.sent"
+
+    def journal_sent(self, k: int, rows: list[int]) -> None:
+        try:
+            with open(self._journal_path(k), "a", encoding="ascii") as fh:
+                fh.write(" ".join(map(str, rows)) + "\n")
+        except OSError as exc:
+            if exc.errno in _STORAGE_ERRNOS:
+                raise _storage_error(exc, self._journal_path(k)) from None
+            raise
+
+    def read_journal(self, k: int) -> set[int]:
+        try:
+            text = self._journal_path(k).read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            return set()
+        rows: set[int] = set()
+        for line in text.splitlines():
+            if line.endswith(" ") or not line:
+                continue
+            try:
+                rows.update(int(x) for x in line.split())
+            except ValueError:
+                continue  # a line torn by a crash: fewer rows counted, never more
+        return rows
+
+    def drop_journal(self, k: int) -> None:
+        self._journal_path(k).unlink(missing_ok=True)
+
     # -- finish ---------------------------------------------------------------------------------
     def read_finished(self) -> dict[str, Any] | None:
         return read_json(self.finished_path)
 
     def write_finished(self, doc: dict[str, Any]) -> None:
-        write_json_atomic(self.finished_path, doc)
+        write_json_atomic(self.finished_path, doc, "finished")
 
     def clear_finished(self) -> None:
         self.finished_path.unlink(missing_ok=True)

@@ -19,11 +19,12 @@ from typing import Any
 import pyarrow as pa
 
 from . import source
-from .checkpoint import RESULT_SCHEMA, RunState, SegmentInfo
+from .checkpoint import RESULT_SCHEMA, DamagedStateError, RunState, SegmentInfo, crashpoint
 from .client import Accounting, EndpointClient, RetryPolicy, RowOutcome, Throttle, make_session
 from .config import BUILTIN, JobSpec, load_job
 from .errors import BatchrunError, InterruptedRun, JobError, StateError
 from .protocol import Answer
+from .incremental import carry_forward
 from .sink import merge_kind, output_identity, params_types, write_output
 
 log = logging.getLogger("batchrun")
@@ -60,6 +61,7 @@ class RunSummary:
     prompts_resent: int = 0
     retries_by_cause: dict[str, int] = field(default_factory=dict)
     throttle_wait_s: float = 0.0
+    incremental: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
     output_path: str = ""
     message: str = ""
@@ -68,6 +70,11 @@ class RunSummary:
         """The one summary line printed at the end of a run."""
         if self.status == "nothing_to_do":
             return f"batchrun: nothing to do: all {self.total_rows} rows are done ({self.output_path})"
+        changed = (
+            "input changed: {reused} rows reused, {changed} changed, {new} new; ".format(**self.incremental)
+            if self.incremental
+            else ""
+        )
         failed = (
             f", {self.failed} failed ({', '.join(f'{k} {v}' for k, v in sorted(self.failed_by_class.items()))})"
             if self.failed
@@ -78,7 +85,7 @@ class RunSummary:
         throttled = f", {self.throttle_wait_s:.1f}s throttled" if self.throttle_wait_s >= 0.05 else ""
         return (
             f"batchrun: {self.status}: {self.succeeded}/{self.total_rows} rows succeeded{failed}; "
-            f"this run answered {self.rows_answered_this_run} rows in {self.requests} requests "
+            f"{changed}this run answered {self.rows_answered_this_run} rows in {self.requests} requests "
             f"({retries} retries{': ' + causes if causes else ''}, {self.prompts_resent} prompts "
             f"resent{throttled}) in {self.duration_s:.1f}s; output: {self.output_path}"
         )
@@ -106,51 +113,57 @@ def run_job(
     with state.lock():
         if restart:
             state.reset()
-        state.clear_temporaries()
+        state.ensure_dirs()
+        state.clear_leftovers(spec.output_path)
         plan = _plan(spec, state)
         summary = RunSummary(
             job=str(spec.job_path), status="", exit_code=0, total_rows=plan["rows"],
             output_path=str(spec.output_path),
         )
-        seg_rows = int(plan["segment_rows"])
-        sizes = _segment_sizes(plan["rows"], seg_rows)
-        infos = state.scan_segments(sizes)
-        todo = [k for k in sizes if k not in infos or infos[k].retryable > 0]
-        finished = state.read_finished()
-        if (
-            not todo
-            and finished is not None
-            and finished.get("output") == output_identity(spec.output_path)
-        ):
-            summary.status = "nothing_to_do"
-            summary.succeeded = finished.get("succeeded", 0)
-            summary.failed = finished.get("failed", 0)
-            summary.failed_by_class = finished.get("failed_by_class", {})
-            summary.exit_code = 3 if summary.failed else 0
-            summary.duration_s = time.monotonic() - started
-            return summary
-
-        if todo:
-            state.clear_finished()
-            engine = _Engine(spec, state, plan, infos, todo, api_key, on_progress, started)
-            try:
-                asyncio.run(engine.run(handle_signals))
-            finally:
-                _account(summary, engine)
+        sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
+        # A checkpoint file found damaged while the output is written is removed and its rows
+        # redone; a second pass normally suffices, a third means the disk itself is failing.
+        for _ in range(3):
             infos = state.scan_segments(sizes)
-            missing = [k for k in sizes if k not in infos]
-            if missing:
-                raise StateError(f"segments {missing[:5]} were not committed; run again to resume")
-
-        types: dict[str, str] = {}
-        for info in infos.values():
-            for key, kind in info.params_types.items():
-                types[key] = merge_kind(types.get(key), kind)
-        stats = write_output(spec, state, plan, types)
+            todo = [k for k in sizes if k not in infos or infos[k].retryable > 0]
+            finished = state.read_finished()
+            if not todo and finished is not None and finished.get("output") == output_identity(spec.output_path):
+                summary.status = "nothing_to_do"
+                summary.succeeded = finished.get("succeeded", 0)
+                summary.failed = finished.get("failed", 0)
+                summary.failed_by_class = finished.get("failed_by_class", {})
+                summary.exit_code = 3 if summary.failed else 0
+                summary.duration_s = time.monotonic() - started
+                return summary
+            if todo:
+                state.clear_finished()
+                engine = _Engine(spec, state, plan, infos, todo, api_key, on_progress, started)
+                try:
+                    asyncio.run(engine.run(handle_signals))
+                finally:
+                    _account(summary, engine)
+                infos = state.scan_segments(sizes)
+                missing = [k for k in sizes if k not in infos]
+                if missing:
+                    raise StateError(f"segments {missing[:5]} were not committed; run again to resume")
+            types: dict[str, str] = {}
+            for info in infos.values():
+                for key, kind in info.params_types.items():
+                    types[key] = merge_kind(types.get(key), kind)
+            try:
+                stats = write_output(spec, state, plan, types)
+            except DamagedStateError as exc:
+                log.warning("%s", exc)
+                continue
+            break
+        else:
+            raise StateError(f"checkpoint files in {state.root} keep reading back damaged; check the disk")
+        state.drop_carry()
         summary.succeeded = stats.succeeded
         summary.failed = stats.failed
         summary.failed_by_class = dict(stats.failed_by_class)
         summary.rows_reused = summary.total_rows - summary.rows_answered_this_run
+        summary.incremental = plan.get("incremental", {})
         summary.status = "complete" if not stats.failed else "complete_with_failed_rows"
         summary.exit_code = 0 if not stats.failed else 3
         state.write_finished(
@@ -168,12 +181,13 @@ def run_job(
 
 def _account(summary: RunSummary, engine: _Engine) -> None:
     acc = engine.accounting
-    summary.requests = acc.requests
-    summary.prompts_sent = acc.prompts_sent
-    summary.prompts_resent = acc.prompts_resent
-    summary.retries_by_cause = dict(acc.retries)
-    summary.throttle_wait_s = acc.throttle_wait_s
-    summary.rows_answered_this_run = engine.answered
+    summary.requests += acc.requests
+    summary.prompts_sent += acc.prompts_sent
+    summary.prompts_resent += acc.prompts_resent
+    for cause, n in acc.retries.items():
+        summary.retries_by_cause[cause] = summary.retries_by_cause.get(cause, 0) + n
+    summary.throttle_wait_s += acc.throttle_wait_s
+    summary.rows_answered_this_run += engine.answered
 
 
 def _api_key(spec: JobSpec) -> str | None:
@@ -194,40 +208,59 @@ def _segment_sizes(rows: int, seg_rows: int) -> dict[int, int]:
 
 
 def _plan(spec: JobSpec, state: RunState) -> dict[str, Any]:
-    """Load the pinned plan, refusing a changed input or settings, or make and pin a new one."""
-    settings = spec.settings()
+    """Load the pinned plan, or make and pin a new one.
+
+    A changed input or changed settings are refused, saying what changed, except one case: with
+    an id column and the same settings, a grown or edited input is planned incrementally, reusing
+    the answers of rows whose id and prompt are unchanged.
+    """
+    settings = json.loads(json.dumps(spec.settings()))
+    fingerprint = source.fingerprint(spec.input_files)
     plan = state.read_plan()
+    incremental: dict[str, int] | None = None
     if plan is not None:
-        changed = []
-        if plan.get("settings") != json.loads(json.dumps(settings)):
-            old = plan.get("settings", {})
-            changed += [
-                f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in settings if old.get(k) != settings[k]
-            ]
-        if _input_identity(plan.get("fingerprint", [])) != _input_identity(
-            source.fingerprint(spec.input_files)
-        ):
-            changed.append("the input files (names, sizes or contents) differ")
-        if changed:
+        changed = [
+            f"{k}: {plan.get('settings', {}).get(k)!r} -> {settings[k]!r}"
+            for k in settings
+            if plan.get("settings", {}).get(k) != settings[k]
+        ]
+        same_input = _input_identity(plan.get("fingerprint", [])) == _input_identity(fingerprint)
+        if not changed and same_input:
+            return plan
+        if changed or not spec.id_column:
+            if not same_input:
+                changed.append("the input files (names, sizes or contents) differ")
             raise StateError(
                 "this job has saved progress from a different input or settings: "
                 + "; ".join(changed)
                 + f". Restore them, or run with --restart to discard the progress in {state.root}"
             )
-        return plan
-    state.ensure_dirs()
+    elif state.has_progress() or state.carry_path.exists():
+        # Progress without the plan it was made under cannot be placed safely: start over.
+        log.warning("the run state in %s had no readable plan; its progress is discarded", state.root)
+        state.reset()
+        state.drop_carry()
     rows = source.count_rows_and_check_ids(spec)
     if rows == 0:
         raise JobError(f"{spec.job_path}: input.path: the input has no rows")
-    plan = {
+    if plan is not None:
+        incremental = carry_forward(spec, state)
+        log.info(
+            "input changed: %d rows reused, %d changed, %d new",
+            incremental["reused"], incremental["changed"], incremental["new"],
+        )
+    crashpoint("plan:carried")
+    new_plan: dict[str, Any] = {
         "rows": rows,
         "segment_rows": spec.run.checkpoint_rows,
-        "fingerprint": source.fingerprint(spec.input_files),
+        "fingerprint": fingerprint,
         "settings": settings,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    state.write_plan(plan)
-    return json.loads(json.dumps(plan))
+    if incremental is not None:
+        new_plan["incremental"] = incremental
+    state.write_plan(new_plan)
+    return json.loads(json.dumps(state.read_plan()))
 
 
 def _input_identity(fp: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -258,16 +291,19 @@ class _Segment:
                 self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None)
         self.outstanding = 0
         self.dirty = False  # results not yet in a partial file
+        self.sent_before: set[int] = set()  # rows a crashed run had sent (from the journal)
 
     def carry_over(self, table: pa.Table) -> int:
         """Reuse earlier successful results whose prompt hash still matches; return how many."""
         reused = 0
         d = table.to_pydict()
-        for row, h, out, params, err, att, lat in zip(
-            d["row"], d["prompt_hash"], d["output"], d["params"], d["error"], d["attempts"], d["latency_s"]
+        for row, h, rid, out, params, err, att, lat in zip(
+            d["row"], d["prompt_hash"], d["id"], d["output"], d["params"], d["error"], d["attempts"], d["latency_s"]
         ):
             i = row - self.start
             if err is not None or not 0 <= i < len(self.outcomes) or self.hashes[i] != h:
+                continue
+            if self.ids is not None and self.ids[i] != rid:
                 continue
             if self.outcomes[i] is None:
                 self.outcomes[i] = RowOutcome(Answer(out, params), None, att, lat)
@@ -439,9 +475,10 @@ class _Engine:
         reused = 0
         if k in self.infos:  # committed before with rows worth retrying: keep its successes
             reused += seg.carry_over(self.state.read_segment(k))
-        partial = self.state.read_partials(k)
-        if partial is not None:
-            reused += seg.carry_over(partial)
+        for earlier in (self.state.read_partials(k), self.state.read_carry(seg.start, seg.start + table.num_rows)):
+            if earlier is not None:
+                reused += seg.carry_over(earlier)
+        seg.sent_before = self.state.read_journal(k)
         resolved = sum(o is not None for o in seg.outcomes)
         self.progress.done += resolved
         self.progress.failed += resolved - reused
@@ -456,10 +493,14 @@ class _Engine:
                 if self.stop.is_set():
                     continue
                 seg = batch.segment
+                # A one-line append, not worth a thread hop: it lets the next run count resends.
+                self.state.journal_sent(seg.k, batch.rows)
+                self.accounting.prompts_resent += len(seg.sent_before.intersection(batch.rows))
                 outcomes = await client.process([seg.texts[i] for i in batch.rows])
                 for i, outcome in zip(batch.rows, outcomes):
                     seg.outcomes[i] = outcome
                 seg.dirty = True
+                crashpoint("batch:answered")
                 failed = sum(o.error is not None for o in outcomes)
                 self.answered += len(outcomes) - failed
                 self.progress.done += len(outcomes)

@@ -109,7 +109,7 @@ def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: di
     struct = params_struct(types)
     stats = OutputStats()
     spec.output_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(spec.output_path) as tmp:
+    with atomic_path(spec.output_path, "output") as tmp:
         writer: pq.ParquetWriter | None = None
         try:
             for k, inp in source.iter_segments(spec.input_files, spec.input_format, None, seg_rows):

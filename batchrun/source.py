@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 # A CSV row longer than one block cannot be parsed; 16 MiB bounds memory while allowing huge fields.
 CSV_BLOCK_BYTES = 16 << 20
-# How many bytes of each file's head and tail go into its fingerprint.
+# Files up to this size are hashed whole; larger ones by their head and tail (a full hash of tens
+# of GB on every resume would cost minutes; a changed row is still caught by its prompt hash).
+_FINGERPRINT_WHOLE = 64 << 20
 _FINGERPRINT_SAMPLE = 1 << 20
 
 
@@ -280,14 +282,17 @@ def _refuse_duplicate_ids(spec: JobSpec, digests: np.ndarray) -> None:
 
 
 def fingerprint(files: Sequence[Path]) -> list[dict[str, object]]:
-    """Identify the input cheaply: each file's name, size, mtime and a digest of its head and tail."""
+    """Identify the input: each file's name, size, mtime and a digest (whole, or head and tail)."""
     out = []
     for f in files:
         st = f.stat()
         h = hashlib.sha256()
         with open(f, "rb") as fh:
-            h.update(fh.read(_FINGERPRINT_SAMPLE))
-            if st.st_size > 2 * _FINGERPRINT_SAMPLE:
+            if st.st_size <= _FINGERPRINT_WHOLE:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(fh.read(_FINGERPRINT_SAMPLE))
                 fh.seek(-_FINGERPRINT_SAMPLE, os.SEEK_END)
                 h.update(fh.read(_FINGERPRINT_SAMPLE))
         out.append(

@@ -416,10 +416,14 @@ def test_a_glob_over_two_csv_files_keeps_input_order_across_the_files(tmp_path: 
 
 
 def test_changed_input_after_a_partial_run_is_refused_until_restart(tmp_path: Path) -> None:
+    """Without an id column rows are keyed by position, so a changed input cannot be resumed."""
     rows = prompt_rows(200)
     write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(ServerOptions(latency_s=0.05)) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1, "checkpoint_rows": 8})
+        job = write_job(
+            tmp_path, ep.url, input={"id_column": None},
+            run={"batch_size": 4, "concurrency": 1, "checkpoint_rows": 8},
+        )
         code, err = interrupt_once_progress_is_saved(job, state_dir(tmp_path))
         assert code == 130, err
 
