@@ -2,6 +2,10 @@
 
 from .config import JobSpec, load_job
 from .errors import BatchrunError
-from .runner import Progress, RunSummary, run_job
+from .engine import Progress
+from .runner import RunSummary, Shard, job_status, merge_job, run_job
 
-__all__ = ["BatchrunError", "JobSpec", "Progress", "RunSummary", "load_job", "run_job"]
+__all__ = [
+    "BatchrunError", "JobSpec", "Progress", "RunSummary", "Shard",
+    "job_status", "load_job", "merge_job", "run_job",
+]

@@ -60,6 +60,7 @@ class SegmentInfo:
     failed: int
     retryable: int  # failed rows a rerun sends again (all but empty prompts)
     params_types: dict[str, str] = field(default_factory=dict)
+    failed_by_class: dict[str, int] = field(default_factory=dict)
 
     def metadata(self, k: int) -> dict[str, str]:
         return {
@@ -67,6 +68,7 @@ class SegmentInfo:
             "batchrun.failed": str(self.failed),
             "batchrun.retryable": str(self.retryable),
             "batchrun.params_types": json.dumps(self.params_types, sort_keys=True),
+            "batchrun.failed_by_class": json.dumps(self.failed_by_class, sort_keys=True),
         }
 
 
@@ -153,6 +155,26 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _writer_gone(tmp: Path) -> bool:
+    """Whether the process that was writing ``tmp`` (named ``.x.tmp-PID-RAND``) has ended.
+
+    Shards of one job run side by side: one must never delete another's file mid-write.
+    """
+    try:
+        pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def write_checked(table: pa.Table, path: Path) -> None:
     # Page checksums let a reader tell a damaged file from a good one instead of trusting it.
     pq.write_table(table, path, compression="zstd", write_page_checksum=True)
@@ -194,25 +216,55 @@ class RunState:
             raise
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the job's lock, or raise ``BusyError`` naming the process that holds it.
+    def lock(self, name: str = "lock", *, wait: bool = False) -> Iterator[None]:
+        """Hold one of the job's locks, or raise ``BusyError`` naming the process that holds it.
 
-        The lock saves money (no two runs pay for the same rows); correctness never depends on it.
+        ``lock`` guards a whole run, ``lock.shard-I-of-N`` one shard, ``plan.lock`` the short
+        planning step (waited for), ``merge.lock`` the writing of the output. Locks save money
+        (no two runs pay for the same rows); correctness never depends on them.
         """
         self.ensure_dirs()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.root / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown process"
-                raise BusyError(str(self.lock_path), holder) from None
+                raise BusyError(str(path), holder) from None
             me = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
             os.ftruncate(fd, 0)
             os.pwrite(fd, me.encode(), 0)
             yield
         finally:
             os.close(fd)  # closing releases the flock; the file stays
+
+    def holders(self) -> dict[str, str]:
+        """Which locks are held right now, and by whom (for ``batchrun status``)."""
+        out = {}
+        for path in sorted(self.root.glob("lock*")) + sorted(self.root.glob("merge.lock")):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                out[path.name] = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+            finally:
+                os.close(fd)
+        return out
+
+    def shard_count(self) -> int | None:
+        """N of the last sharded runs, from their lock files' names (never deleted)."""
+        counts = [int(p.name.rsplit("-of-", 1)[1]) for p in self.root.glob("lock.shard-*-of-*")]
+        return max(counts, key=counts.count) if counts else None
+
+    def partial_rows(self) -> int:
+        total = 0
+        for f in self.partial_dir.glob("seg-*.parquet"):
+            try:
+                total += pq.read_metadata(f).num_rows
+            except (OSError, pa.ArrowException):
+                continue
+        return total
 
     def reset(self) -> None:
         """Discard all progress (``--restart``): segments, partials, carry, plan, finish marker."""
@@ -259,7 +311,8 @@ class RunState:
         ):
             if d.exists():
                 for f in d.glob(pattern):
-                    f.unlink(missing_ok=True)
+                    if _writer_gone(f):
+                        f.unlink(missing_ok=True)
         for k in self.partial_segments():
             if self.segment_path(k).exists():
                 self.drop_partials(k)
@@ -281,7 +334,9 @@ class RunState:
     def segment_path(self, k: int) -> Path:
         return self.segments_dir / f"seg-{k:08d}.parquet"
 
-    def scan_segments(self, expected_rows: dict[int, int] | None = None) -> dict[int, SegmentInfo]:
+    def scan_segments(
+        self, expected_rows: dict[int, int] | None = None, *, remove_damaged: bool = True
+    ) -> dict[int, SegmentInfo]:
         """Committed segments by index, from their footers; unreadable or wrong-sized ones are
         removed so their rows are redone rather than trusted."""
         out: dict[int, SegmentInfo] = {}
@@ -295,12 +350,15 @@ class RunState:
                     failed=int(kv[b"batchrun.failed"]),
                     retryable=int(kv[b"batchrun.retryable"]),
                     params_types=json.loads(kv[b"batchrun.params_types"]),
+                    failed_by_class=json.loads(kv[b"batchrun.failed_by_class"]),
                 )
             except (ValueError, KeyError, OSError, pa.ArrowException):
-                f.unlink(missing_ok=True)
+                if remove_damaged:
+                    f.unlink(missing_ok=True)
                 continue
             if expected_rows is not None and expected_rows.get(k) != meta.num_rows:
-                f.unlink(missing_ok=True)
+                if remove_damaged:
+                    f.unlink(missing_ok=True)
                 continue
             out[k] = info
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -36,6 +37,8 @@ def main() -> None:
     \b
       batchrun JOB.toml            run or resume a job (same as `batchrun run JOB.toml`)
       batchrun validate JOB.toml   check a job and print its plan; sends nothing
+      batchrun status JOB.toml     show progress and the last run; sends nothing
+      batchrun merge JOB.toml      write the output of a sharded job
       batchrun serve               run the reference endpoint
     """
 
@@ -71,21 +74,78 @@ def _boundary(debug: bool, fn, *args, **kwargs):
     "--log-interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
     help="Seconds between progress lines when not on a terminal.",
 )
+@click.option("--shard", metavar="I/N", help="Process only shard I of N (e.g. 2/8); the last shard to finish writes the output.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per log line.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def run(job: Path, restart: bool, quiet: bool, log_interval: float, debug: bool) -> None:
+def run(
+    job: Path, restart: bool, quiet: bool, log_interval: float, shard: str | None, log_format: str, debug: bool
+) -> None:
     """Run JOB, or resume it where it stopped."""
-    _setup_logging(quiet, debug)
+    _setup_logging(quiet, debug, log_format)
     from .runner import run_job
 
-    progress = _ProgressDisplay(quiet=quiet, interval=log_interval)
+    progress = _ProgressDisplay(quiet=quiet, interval=log_interval, json_lines=log_format == "json")
     try:
         summary = _boundary(
-            debug, run_job, job, on_progress=progress.update, restart=restart, handle_signals=True
+            debug, run_job, job, on_progress=progress.update, restart=restart, handle_signals=True,
+            shard=shard,
         )
     finally:
         progress.close()
     click.echo(summary.line())
     sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def merge(job: Path, debug: bool) -> None:
+    """Write JOB's single output from its shards; refuses (exit 75) while a shard is unfinished."""
+    _setup_logging(False, debug)
+    from .runner import merge_job
+
+    summary = _boundary(debug, merge_job, job)
+    click.echo(summary.line())
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def status(job: Path, as_json: bool, debug: bool) -> None:
+    """Show JOB's progress and its last run, from the files on disk; sends nothing."""
+    _setup_logging(False, debug)
+    from .runner import job_status
+
+    info = _boundary(debug, job_status, job)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    rows = info["rows"]
+    lines = [f"job:       {info['job']}", f"state:     {info['state']}"]
+    if rows is not None:
+        by_class = ", ".join(f"{k} {v}" for k, v in info["failed_by_class"].items())
+        lines += [
+            f"rows:      {rows} total, {info['done']} done ({info['succeeded']} succeeded, "
+            f"{info['failed']} failed{': ' + by_class if by_class else ''}), {info['pending']} pending"
+            + (f" ({info['saved_in_partials']} of them answered and saved)" if info["saved_in_partials"] else ""),
+        ]
+    for name, holder in info["running"].items():
+        lines.append(f"running:   {holder} ({name})")
+    last = info["last_run"]
+    if last:
+        lines.append(
+            f"last run:  {last['status']} (exit {last['exit_code']}), {last['started_at']} to "
+            f"{last['finished_at']}, {last['rows_answered_this_run']} rows answered at "
+            f"{last['rows_per_s']:.1f} rows/s"
+        )
+    for shard, s in info["shards"].items():
+        if s:
+            lines.append(f"{shard}: {s['status']} (exit {s['exit_code']}), finished {s['finished_at']}")
+    lines.append(f"output:    {info['output']}" + (" (complete)" if info["success_marker"] else ""))
+    click.echo("\n".join(lines))
 
 
 @main.command()
@@ -138,9 +198,24 @@ def serve(host: str, port: int, latency_ms: float, per_prompt_ms: float) -> None
     serve_forever(host, port, ServerOptions(latency_s=latency_ms / 1000, per_prompt_s=per_prompt_ms / 1000))
 
 
-def _setup_logging(quiet: bool, debug: bool) -> None:
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        doc.update(getattr(record, "fields", {}))
+        return json.dumps(doc, sort_keys=True)
+
+
+def _setup_logging(quiet: bool, debug: bool, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s batchrun %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        _JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s batchrun %(levelname)s %(message)s", "%H:%M:%S")
+    )
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
@@ -149,8 +224,9 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
 class _ProgressDisplay:
     """A tqdm bar on a terminal; a plain line every ``interval`` seconds otherwise (cron mail)."""
 
-    def __init__(self, quiet: bool, interval: float):
+    def __init__(self, quiet: bool, interval: float, json_lines: bool = False):
         self.quiet = quiet
+        self.json_lines = json_lines
         self.interval = interval
         self.tty = sys.stderr.isatty()
         self.bar = None
@@ -176,7 +252,11 @@ class _ProgressDisplay:
             rate = (p.done - self.first_done) / p.elapsed_s if p.elapsed_s > 0 else 0.0
             left = (p.total - p.done) / rate if rate > 0 else float("inf")
             eta = f"{left:.0f}s" if math.isfinite(left) else "?"
-            log.info("progress: %d/%d rows done, %d failed, %.1f rows/s, eta %s", p.done, p.total, p.failed, rate, eta)
+            fields = {"done": p.done, "total": p.total, "failed": p.failed, "rows_per_s": round(rate, 1)}
+            log.info(
+                "progress: %d/%d rows done, %d failed, %.1f rows/s, eta %s",
+                p.done, p.total, p.failed, rate, eta, extra={"fields": fields},
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -206,6 +206,10 @@ class EndpointClient:
                 None, f"{cause}: {reason} (gave up after {attempts[i]} attempts)", attempts[i], None
             )
 
+    def _snippet(self, raw: bytes) -> str:
+        # An endpoint may quote the request back in its error; the key must not reach a message.
+        return _snippet(raw, self._headers.get("Authorization", "").removeprefix("Bearer "))
+
     def _failed_attempt(self, exc: _Transient) -> None:
         if exc.cause == "http_429":
             # The endpoint is saturated: everyone backs off, not only this request.
@@ -230,7 +234,7 @@ class EndpointClient:
                 raw = await _read_capped(resp, self._max_bytes)
                 status = resp.status
                 if status in (401, 403):
-                    raise AuthError(status, _snippet(raw))
+                    raise AuthError(status, self._snippet(raw))
                 if 300 <= status < 400:
                     raise EndpointError(
                         f"the endpoint redirected (HTTP {status}) to {resp.headers.get('Location', '?')}; "
@@ -240,11 +244,11 @@ class EndpointClient:
                 if status in RETRY_STATUSES or status >= 500:
                     raise _Transient(
                         f"http_{status}",
-                        f"HTTP {status}: {_snippet(raw)}",
+                        f"HTTP {status}: {self._snippet(raw)}",
                         parse_retry_after(resp.headers.get("Retry-After")),
                     )
                 if 400 <= status < 500:
-                    raise _Rejected(status, _snippet(raw))
+                    raise _Rejected(status, self._snippet(raw))
                 if status != 200:
                     raise _Transient(f"http_{status}", f"unexpected HTTP {status}")
         except asyncio.TimeoutError:
@@ -278,8 +282,10 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def _snippet(raw: bytes, limit: int = 200) -> str:
+def _snippet(raw: bytes, secret: str = "", limit: int = 200) -> str:
     text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+    if secret:
+        text = text.replace(secret, "[redacted]")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

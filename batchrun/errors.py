@@ -7,6 +7,7 @@
     │   └── OutageError                       the endpoint stopped answering altogether
     ├── StorageError                 (exit 74) a write failed (disk full, quota, file too big)
     ├── BusyError                    (exit 75) another run holds the job's lock
+    ├── NotReadyError                (exit 75) merge asked for while a shard is unfinished
     ├── StateError                   (exit 2) the run directory disagrees with the job
     └── InterruptedRun               (exit 130) stopped by a signal; progress is kept
 
@@ -72,6 +73,12 @@ class BusyError(BatchrunError):
         self.lock_path = lock_path
         self.holder = holder
         super().__init__(f"another run holds this job ({holder}); lock: {lock_path}")
+
+
+class NotReadyError(BatchrunError):
+    """The merge cannot run yet: some shard has not finished (try again later)."""
+
+    exit_code = 75
 
 
 class InterruptedRun(BatchrunError):

@@ -1,4 +1,4 @@
-"""The run: plan, resume, a fixed pool of workers over a bounded queue, commits, and the finish."""
+"""The run: plan, resume, shards, the finish, and the summary a scheduler reads."""
 
 from __future__ import annotations
 
@@ -7,40 +7,61 @@ import json
 import logging
 import math
 import os
-import signal
 import time
-import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from . import source
-from .checkpoint import RESULT_SCHEMA, DamagedStateError, RunState, SegmentInfo, crashpoint
-from .client import Accounting, EndpointClient, RetryPolicy, RowOutcome, Throttle, make_session
-from .config import BUILTIN, JobSpec, load_job
-from .errors import BatchrunError, InterruptedRun, JobError, StateError
-from .protocol import Answer
+from .checkpoint import DamagedStateError, RunState, SegmentInfo, crashpoint, write_json_atomic
+from .config import JobSpec, load_job
+from .engine import Engine, Progress
+from .errors import (
+    AuthError,
+    BatchrunError,
+    BusyError,
+    EndpointError,
+    InterruptedRun,
+    JobError,
+    NotReadyError,
+    StateError,
+    StorageError,
+)
 from .incremental import carry_forward
-from .sink import merge_kind, output_identity, params_types, write_output
+from .sink import merge_kind, output_identity, write_output
 
 log = logging.getLogger("batchrun")
 
-EMPTY_PROMPT = "empty_prompt"
+__all__ = ["Progress", "RunSummary", "Shard", "job_status", "merge_job", "run_job"]
 
 
-@dataclass
-class Progress:
-    """A snapshot handed to ``on_progress``: rows of the whole job, not only of this run."""
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (1-based): the segments ``k`` with ``k % count == index - 1``."""
 
-    total: int
-    done: int
-    failed: int
-    sent: int
-    elapsed_s: float
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise JobError(f"--shard must look like 2/8 (got {text!r})") from None
+        if not 1 <= index <= count:
+            raise JobError(f"--shard {text}: the index must be between 1 and {max(count, 1)}")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def slug(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def owns(self, k: int) -> bool:
+        return k % self.count == self.index - 1
 
 
 @dataclass
@@ -63,6 +84,10 @@ class RunSummary:
     throttle_wait_s: float = 0.0
     incremental: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
+    rows_per_s: float = 0.0
+    started_at: str = ""
+    finished_at: str = ""
+    shard: str = ""
     output_path: str = ""
     message: str = ""
 
@@ -70,6 +95,13 @@ class RunSummary:
         """The one summary line printed at the end of a run."""
         if self.status == "nothing_to_do":
             return f"batchrun: nothing to do: all {self.total_rows} rows are done ({self.output_path})"
+        if self.status == "shard_complete":
+            return (
+                f"batchrun: shard {self.shard} complete: {self.succeeded} rows succeeded"
+                + (f", {self.failed} failed" if self.failed else "")
+                + f"; this run answered {self.rows_answered_this_run} rows in {self.requests} requests; "
+                + self.message
+            )
         changed = (
             "input changed: {reused} rows reused, {changed} changed, {new} new; ".format(**self.incremental)
             if self.incremental
@@ -100,86 +132,273 @@ def run_job(
     on_progress: Callable[[Progress], None] | None = None,
     restart: bool = False,
     handle_signals: bool = False,
+    shard: Shard | str | None = None,
 ) -> RunSummary:
-    """Run or resume a job to completion and return its summary.
+    """Run or resume a job (or one shard of it) to completion and return its summary.
 
     Raises a ``BatchrunError`` when the run cannot finish (invalid job, endpoint refused, storage,
-    busy, interrupted); progress committed before that is kept and the same call resumes it.
+    busy, interrupted); progress committed before that is kept and the same call resumes it. The
+    exception carries the run's summary as ``.summary`` (except ``BusyError``: the running
+    process owns the summary).
     """
     spec = job if isinstance(job, JobSpec) else load_job(job)
+    part = Shard.parse(shard) if isinstance(shard, str) else shard
+    if restart and part is not None:
+        raise JobError("--restart discards the progress of every shard; run it once without --shard")
     api_key = _api_key(spec)
-    started = time.monotonic()
     state = RunState(spec.state_dir)
-    with state.lock():
+    summary = RunSummary(
+        job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
+        shard=str(part) if part else "", started_at=_now(),
+    )
+    started = time.monotonic()
+    try:
+        with state.lock(f"lock.{part.slug}" if part else "lock"):
+            _run_locked(spec, state, summary, part, restart, api_key, on_progress, handle_signals, started)
+    except BusyError:
+        raise
+    except BatchrunError as exc:
+        summary.status = _failure_status(exc)
+        summary.exit_code = exc.exit_code
+        summary.message = str(exc)
+        _close_summary(summary, started, spec, part)
+        exc.summary = summary  # type: ignore[attr-defined]
+        raise
+    _close_summary(summary, started, spec, part)
+    return summary
+
+
+def merge_job(job: JobSpec | str | Path) -> RunSummary:
+    """Write the single output from every shard's segments; refuse while a shard is unfinished."""
+    spec = job if isinstance(job, JobSpec) else load_job(job)
+    state = RunState(spec.state_dir)
+    summary = RunSummary(
+        job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
+        started_at=_now(),
+    )
+    started = time.monotonic()
+    plan = state.read_plan()
+    if plan is None:
+        raise NotReadyError(f"nothing to merge: no shard of {spec.job_path} has run yet")
+    summary.total_rows = plan["rows"]
+    sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
+    infos = state.scan_segments(sizes)
+    _refuse_unfinished(state, sizes, infos)
+    with state.lock("merge.lock"):
+        _finish(spec, state, plan, summary, sizes)
+    _close_summary(summary, started, spec, None)
+    return summary
+
+
+def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
+    """What a scheduler wants to know, read from the run state without touching the endpoint."""
+    spec = job if isinstance(job, JobSpec) else load_job(job)
+    state = RunState(spec.state_dir)
+    plan = state.read_plan()
+    out: dict[str, Any] = {"job": str(spec.job_path), "output": str(spec.output_path)}
+    if plan is None:
+        out.update(state="not started", rows=None, done=0, succeeded=0, failed=0, failed_by_class={}, pending=None)
+    else:
+        sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
+        infos = state.scan_segments(sizes, remove_damaged=False)
+        counts = _counts(infos)
+        done = sum(i.rows for i in infos.values())
+        finished = state.read_finished()
+        complete = done == plan["rows"] and finished is not None and finished.get("output") == output_identity(spec.output_path)
+        out.update(
+            state="complete" if complete else "in progress",
+            rows=plan["rows"],
+            done=done,
+            succeeded=counts["succeeded"],
+            failed=counts["failed"],
+            failed_by_class=counts["failed_by_class"],
+            pending=plan["rows"] - done,
+            saved_in_partials=state.partial_rows(),
+        )
+    out["running"] = state.holders()
+    out["last_run"] = _read_json(_summary_path(spec, None))
+    shards = sorted(spec.output_path.parent.glob(f"{spec.output_path.name}.shard-*.summary.json"))
+    out["shards"] = {p.name.split(".shard-")[1].removesuffix(".summary.json"): _read_json(p) for p in shards}
+    out["success_marker"] = _success_path(spec).exists()
+    return out
+
+
+def _run_locked(
+    spec: JobSpec,
+    state: RunState,
+    summary: RunSummary,
+    part: Shard | None,
+    restart: bool,
+    api_key: str | None,
+    on_progress: Callable[[Progress], None] | None,
+    handle_signals: bool,
+    started: float,
+) -> None:
+    with state.lock("plan.lock", wait=True):
         if restart:
             state.reset()
         state.ensure_dirs()
         state.clear_leftovers(spec.output_path)
-        plan = _plan(spec, state)
-        summary = RunSummary(
-            job=str(spec.job_path), status="", exit_code=0, total_rows=plan["rows"],
-            output_path=str(spec.output_path),
-        )
-        sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
-        # A checkpoint file found damaged while the output is written is removed and its rows
-        # redone; a second pass normally suffices, a third means the disk itself is failing.
-        for _ in range(3):
-            infos = state.scan_segments(sizes)
-            todo = [k for k in sizes if k not in infos or infos[k].retryable > 0]
-            finished = state.read_finished()
-            if not todo and finished is not None and finished.get("output") == output_identity(spec.output_path):
-                summary.status = "nothing_to_do"
-                summary.succeeded = finished.get("succeeded", 0)
-                summary.failed = finished.get("failed", 0)
-                summary.failed_by_class = finished.get("failed_by_class", {})
-                summary.exit_code = 3 if summary.failed else 0
-                summary.duration_s = time.monotonic() - started
-                return summary
-            if todo:
-                state.clear_finished()
-                engine = _Engine(spec, state, plan, infos, todo, api_key, on_progress, started)
-                try:
-                    asyncio.run(engine.run(handle_signals))
-                finally:
-                    _account(summary, engine)
-                infos = state.scan_segments(sizes)
-                missing = [k for k in sizes if k not in infos]
-                if missing:
-                    raise StateError(f"segments {missing[:5]} were not committed; run again to resume")
-            types: dict[str, str] = {}
-            for info in infos.values():
-                for key, kind in info.params_types.items():
-                    types[key] = merge_kind(types.get(key), kind)
+        plan = _plan(spec, state, allow_incremental=part is None)
+    summary.total_rows = plan["rows"]
+    summary.incremental = plan.get("incremental", {})
+    sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
+    mine = [k for k in sizes if part is None or part.owns(k)]
+    # A checkpoint file found damaged while the output is written is removed and its rows
+    # redone; a second pass normally suffices, a third means the disk itself is failing.
+    for _ in range(3):
+        infos = state.scan_segments(sizes)
+        todo = [k for k in mine if k not in infos or infos[k].retryable > 0]
+        if todo:
+            state.clear_finished()
+            _success_path(spec).unlink(missing_ok=True)
+            engine = Engine(spec, state, plan, infos, todo, api_key, on_progress, started)
             try:
-                stats = write_output(spec, state, plan, types)
-            except DamagedStateError as exc:
-                log.warning("%s", exc)
-                continue
-            break
-        else:
-            raise StateError(f"checkpoint files in {state.root} keep reading back damaged; check the disk")
-        state.drop_carry()
-        summary.succeeded = stats.succeeded
-        summary.failed = stats.failed
-        summary.failed_by_class = dict(stats.failed_by_class)
-        summary.rows_reused = summary.total_rows - summary.rows_answered_this_run
-        summary.incremental = plan.get("incremental", {})
-        summary.status = "complete" if not stats.failed else "complete_with_failed_rows"
-        summary.exit_code = 0 if not stats.failed else 3
-        state.write_finished(
-            {
-                "output": output_identity(spec.output_path),
-                "rows": stats.rows,
-                "succeeded": stats.succeeded,
-                "failed": stats.failed,
-                "failed_by_class": dict(stats.failed_by_class),
-            }
+                asyncio.run(engine.run(handle_signals))
+            finally:
+                _account(summary, engine)
+            infos = state.scan_segments(sizes)
+            lost = [k for k in todo if k not in infos]
+            if lost:
+                raise StateError(f"segments {lost[:5]} were not committed; run again to resume")
+        elif _output_current(spec, state):
+            summary.status = "nothing_to_do"
+            _set_counts(summary, _counts(infos))
+            return
+        if len(infos) < len(sizes):
+            # This shard is done; others are not. Whoever finishes last writes the output.
+            summary.status = "shard_complete"
+            _set_counts(summary, _counts({k: infos[k] for k in mine if k in infos}))
+            summary.message = f"{len(sizes) - len(infos)} segments of other shards are not done yet"
+            return
+        try:
+            with state.lock("merge.lock", wait=part is None):
+                if _output_current(spec, state):
+                    summary.status = "nothing_to_do"
+                    _set_counts(summary, _counts(infos))
+                    return
+                _finish(spec, state, plan, summary, sizes)
+        except DamagedStateError as exc:
+            log.warning("%s", exc)
+            continue
+        except BusyError:
+            summary.status = "shard_complete"
+            _set_counts(summary, _counts({k: infos[k] for k in mine if k in infos}))
+            summary.message = "another process is writing the output"
+        return
+    raise StateError(f"checkpoint files in {state.root} keep reading back damaged; check the disk")
+
+
+def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSummary, sizes: dict[int, int]) -> None:
+    """Write the output from the committed segments; then the finish marker and success marker."""
+    infos = state.scan_segments(sizes)
+    types: dict[str, str] = {}
+    for info in infos.values():
+        for key, kind in info.params_types.items():
+            types[key] = merge_kind(types.get(key), kind)
+    stats = write_output(spec, state, plan, types)
+    state.drop_carry()
+    counts = {"succeeded": stats.succeeded, "failed": stats.failed, "failed_by_class": dict(stats.failed_by_class)}
+    _set_counts(summary, counts)
+    summary.status = "complete" if not stats.failed else "complete_with_failed_rows"
+    state.write_finished({"output": output_identity(spec.output_path), "rows": stats.rows, **counts})
+    crashpoint("finished:marked")
+    write_json_atomic(
+        _success_path(spec),
+        {"output": str(spec.output_path), "rows": stats.rows, **counts, "written_at": _now()},
+        "success",
+    )
+
+
+def _output_current(spec: JobSpec, state: RunState) -> bool:
+    finished = state.read_finished()
+    return finished is not None and finished.get("output") == output_identity(spec.output_path)
+
+
+def _refuse_unfinished(state: RunState, sizes: dict[int, int], infos: dict[int, SegmentInfo]) -> None:
+    missing = [k for k in sizes if k not in infos]
+    if not missing:
+        return
+    count = state.shard_count()
+    if count:
+        shards = sorted({k % count + 1 for k in missing})
+        which = ", ".join(f"{i}/{count}" for i in shards)
+        raise NotReadyError(
+            f"cannot merge yet: {len(missing)} of {len(sizes)} segments are not done; "
+            f"unfinished shard(s): {which}"
         )
-        summary.duration_s = time.monotonic() - started
-        return summary
+    raise NotReadyError(f"cannot merge yet: {len(missing)} of {len(sizes)} segments are not done")
 
 
-def _account(summary: RunSummary, engine: _Engine) -> None:
+def _counts(infos: dict[int, SegmentInfo]) -> dict[str, Any]:
+    by_class: dict[str, int] = {}
+    for info in infos.values():
+        for cls, n in info.failed_by_class.items():
+            by_class[cls] = by_class.get(cls, 0) + n
+    failed = sum(i.failed for i in infos.values())
+    return {
+        "succeeded": sum(i.rows for i in infos.values()) - failed,
+        "failed": failed,
+        "failed_by_class": dict(sorted(by_class.items())),
+    }
+
+
+def _set_counts(summary: RunSummary, counts: dict[str, Any]) -> None:
+    summary.succeeded = counts["succeeded"]
+    summary.failed = counts["failed"]
+    summary.failed_by_class = counts["failed_by_class"]
+    summary.exit_code = 3 if summary.failed else 0
+
+
+_FAILURE_STATUS = (
+    (InterruptedRun, "interrupted"),
+    (AuthError, "credentials_refused"),
+    (EndpointError, "endpoint_unavailable"),
+    (StorageError, "storage_error"),
+    (NotReadyError, "not_ready"),
+    (JobError, "invalid_job"),
+    (StateError, "state_mismatch"),
+)
+
+
+def _failure_status(exc: BatchrunError) -> str:
+    return next((name for cls, name in _FAILURE_STATUS if isinstance(exc, cls)), "error")
+
+
+def _close_summary(summary: RunSummary, started: float, spec: JobSpec, part: Shard | None) -> None:
+    summary.duration_s = time.monotonic() - started
+    summary.finished_at = _now()
+    summary.rows_per_s = summary.rows_answered_this_run / summary.duration_s if summary.duration_s else 0.0
+    summary.rows_reused = max(0, summary.succeeded + summary.failed - summary.rows_answered_this_run)
+    try:
+        spec.output_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(_summary_path(spec, part), summary.to_dict(), "summary")
+    except (OSError, StorageError) as exc:
+        # The summary is a report, not the truth: failing to write it must not mask the run's result.
+        log.warning("could not write the run summary: %s", exc)
+
+
+def _summary_path(spec: JobSpec, part: Shard | None) -> Path:
+    suffix = f".{part.slug}.summary.json" if part else ".summary.json"
+    return spec.output_path.with_name(spec.output_path.name + suffix)
+
+
+def _success_path(spec: JobSpec) -> Path:
+    return spec.output_path.with_name(spec.output_path.name + ".SUCCESS")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _account(summary: RunSummary, engine: Engine) -> None:
     acc = engine.accounting
     summary.requests += acc.requests
     summary.prompts_sent += acc.prompts_sent
@@ -207,7 +426,7 @@ def _segment_sizes(rows: int, seg_rows: int) -> dict[int, int]:
     return {k: min(seg_rows, rows - k * seg_rows) for k in range(n)}
 
 
-def _plan(spec: JobSpec, state: RunState) -> dict[str, Any]:
+def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> dict[str, Any]:
     """Load the pinned plan, or make and pin a new one.
 
     A changed input or changed settings are refused, saying what changed, except one case: with
@@ -227,7 +446,9 @@ def _plan(spec: JobSpec, state: RunState) -> dict[str, Any]:
         same_input = _input_identity(plan.get("fingerprint", [])) == _input_identity(fingerprint)
         if not changed and same_input:
             return plan
-        if changed or not spec.id_column:
+        if changed or not spec.id_column or not allow_incremental:
+            if not allow_incremental and not changed:
+                changed.append("(an incremental plan is made by a run without --shard)")
             if not same_input:
                 changed.append("the input files (names, sizes or contents) differ")
             raise StateError(
@@ -267,345 +488,3 @@ def _input_identity(fp: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     # The directory may move with the job, and a copy changes mtime: compare what the bytes are.
     return [(Path(str(f["path"])).name, f["size"], f["sample_sha256"]) for f in fp]
 
-
-@dataclass
-class _Batch:
-    segment: _Segment
-    rows: list[int]  # indexes within the segment
-
-
-class _Segment:
-    """A segment being worked on: its prompts, the outcome of each row, and batches outstanding."""
-
-    def __init__(self, k: int, start: int, table: pa.Table, spec: JobSpec):
-        self.k = k
-        self.start = start
-        prompts = source.render_prompts(table, spec)
-        self.texts = prompts.text
-        self.hashes = prompts.hashes()
-        self.ids = source.id_strings(table, spec.id_column) if spec.id_column else None
-        n = table.num_rows
-        self.outcomes: list[RowOutcome | None] = [None] * n
-        for i, why in enumerate(prompts.reason):
-            if why is not None:
-                self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None)
-        self.outstanding = 0
-        self.dirty = False  # results not yet in a partial file
-        self.sent_before: set[int] = set()  # rows a crashed run had sent (from the journal)
-
-    def carry_over(self, table: pa.Table) -> int:
-        """Reuse earlier successful results whose prompt hash still matches; return how many."""
-        reused = 0
-        d = table.to_pydict()
-        for row, h, rid, out, params, err, att, lat in zip(
-            d["row"], d["prompt_hash"], d["id"], d["output"], d["params"], d["error"], d["attempts"], d["latency_s"]
-        ):
-            i = row - self.start
-            if err is not None or not 0 <= i < len(self.outcomes) or self.hashes[i] != h:
-                continue
-            if self.ids is not None and self.ids[i] != rid:
-                continue
-            if self.outcomes[i] is None:
-                self.outcomes[i] = RowOutcome(Answer(out, params), None, att, lat)
-                reused += 1
-        return reused
-
-    def pending(self) -> list[int]:
-        return [i for i, o in enumerate(self.outcomes) if o is None]
-
-    def to_table(self, only_resolved: bool) -> pa.Table:
-        idx = [i for i, o in enumerate(self.outcomes) if o is not None or not only_resolved]
-        outs = [self.outcomes[i] for i in idx]
-        return pa.table(
-            {
-                "row": [self.start + i for i in idx],
-                "prompt_hash": self.hashes[idx] if idx else pa.array([], pa.int64()),
-                "id": [self.ids[i] for i in idx] if self.ids is not None else [None] * len(idx),
-                "output": [o.answer.output if o.answer else None for o in outs],
-                "params": [o.answer.params_json if o.answer else None for o in outs],
-                "error": [o.error for o in outs],
-                "attempts": [o.attempts for o in outs],
-                "latency_s": [o.latency_s for o in outs],
-            },
-            schema=RESULT_SCHEMA,
-        )
-
-
-class _Engine:
-    def __init__(
-        self,
-        spec: JobSpec,
-        state: RunState,
-        plan: dict[str, Any],
-        infos: dict[int, SegmentInfo],
-        todo: list[int],
-        api_key: str | None,
-        on_progress: Callable[[Progress], None] | None,
-        started: float,
-    ):
-        self.spec = spec
-        self.state = state
-        self.plan = plan
-        self.infos = infos
-        self.todo = set(todo)
-        self.api_key = api_key
-        self.on_progress = on_progress
-        self.started = started
-        self.seg_rows = int(plan["segment_rows"])
-        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        self.open: dict[int, _Segment] = {}
-        # Enough open segments to keep every worker busy twice over, so one slow batch does not
-        # stall the pipeline; bounded, so memory is too.
-        window = 2 * spec.run.concurrency * spec.run.batch_size
-        self.max_open = max(2, math.ceil(window / self.seg_rows) + 2)
-        self.slots = asyncio.Condition()
-        self.write_lock = asyncio.Lock()
-        self.stop = asyncio.Event()
-        self.workers_done = asyncio.Event()
-        self.live_workers = 0
-        self.answered = 0
-        done = sum(i.rows for k, i in infos.items() if k not in self.todo)
-        failed = sum(i.failed for k, i in infos.items() if k not in self.todo)
-        self.progress = Progress(total=plan["rows"], done=done, failed=failed, sent=0, elapsed_s=0.0)
-        self.accounting = Accounting()
-
-    # -- orchestration --------------------------------------------------------------------------
-    async def run(self, handle_signals: bool) -> None:
-        if handle_signals:
-            self._install_signals()
-        server_runner = None
-        url = self.spec.api_base
-        try:
-            if url == BUILTIN:
-                from . import server
-
-                server_runner, url, _ = await server.start_server("127.0.0.1", 0)
-                log.info("started the builtin reference endpoint at %s", url)
-            async with make_session(self.spec.run.concurrency, self.spec.timeout_s) as session:
-                run = self.spec.run
-                client = EndpointClient(
-                    session,
-                    url,
-                    self.spec.model_name,
-                    self.spec.params,
-                    RetryPolicy(
-                        max_retries=run.max_retries,
-                        base_s=run.retry_backoff_s,
-                        cap_s=run.retry_backoff_max_s,
-                        retry_after_cap_s=run.retry_after_max_s,
-                        outage_after=run.outage_after_failures,
-                    ),
-                    api_key=self.api_key,
-                    throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
-                    accounting=self.accounting,
-                    max_response_bytes=self.spec.max_response_bytes,
-                )
-                await self._pipeline(client)
-        finally:
-            if server_runner is not None:
-                await server_runner.cleanup()
-
-    async def _pipeline(self, client: EndpointClient) -> None:
-        queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=self.spec.run.concurrency)
-        n = self.spec.run.concurrency
-        self.live_workers = n
-        try:
-            async with asyncio.TaskGroup() as tg:
-                producer = tg.create_task(self._produce(queue, n))
-                workers = [tg.create_task(self._work(queue, client)) for _ in range(n)]
-                tg.create_task(self._tick())
-                tg.create_task(self._watch_stop(queue, producer, workers))
-        except BaseExceptionGroup as group:
-            await self._flush_partials()
-            errors = [e for e in group.exceptions if isinstance(e, BatchrunError)]
-            raise (errors[0] if errors else group.exceptions[0]) from None
-        except BaseException:
-            await self._flush_partials()
-            raise
-        if self.stop.is_set():
-            await self._flush_partials()
-            raise InterruptedRun(self._signal_name)
-
-    async def _produce(self, queue: asyncio.Queue[_Batch | None], workers: int) -> None:
-        try:
-            segments = source.iter_segments(
-                self.spec.input_files,
-                self.spec.input_format,
-                self._needed_columns(),
-                self.seg_rows,
-            )
-            while True:
-                item = await asyncio.to_thread(_next_wanted, segments, self.todo)
-                if item is None or self.stop.is_set():
-                    break
-                k, table = item
-                async with self.slots:
-                    await self.slots.wait_for(lambda: len(self.open) < self.max_open or self.stop.is_set())
-                if self.stop.is_set():
-                    break
-                seg = await asyncio.to_thread(self._open_segment, k, table)
-                pending = seg.pending()
-                size = self.spec.run.batch_size
-                batches = [pending[i : i + size] for i in range(0, len(pending), size)]
-                seg.outstanding = len(batches)
-                self.open[k] = seg
-                self._report()
-                if not batches:
-                    await self._commit(seg)
-                for rows in batches:
-                    await queue.put(_Batch(seg, rows))
-                    if self.stop.is_set():
-                        break
-        except asyncio.CancelledError:
-            # Cancelled because the run is failing or stopping: the workers are going too, so
-            # nobody would take end markers from a full queue; awaiting a put would hang forever.
-            raise
-        if not self.stop.is_set():
-            for _ in range(workers):
-                await queue.put(None)
-
-    def _needed_columns(self) -> list[str]:
-        cols = list(self.spec.prompt_columns)
-        if self.spec.id_column and self.spec.id_column not in cols:
-            cols.append(self.spec.id_column)
-        return cols
-
-    def _open_segment(self, k: int, table: pa.Table) -> _Segment:
-        seg = _Segment(k, k * self.seg_rows, table, self.spec)
-        reused = 0
-        if k in self.infos:  # committed before with rows worth retrying: keep its successes
-            reused += seg.carry_over(self.state.read_segment(k))
-        for earlier in (self.state.read_partials(k), self.state.read_carry(seg.start, seg.start + table.num_rows)):
-            if earlier is not None:
-                reused += seg.carry_over(earlier)
-        seg.sent_before = self.state.read_journal(k)
-        resolved = sum(o is not None for o in seg.outcomes)
-        self.progress.done += resolved
-        self.progress.failed += resolved - reused
-        return seg
-
-    async def _work(self, queue: asyncio.Queue[_Batch | None], client: EndpointClient) -> None:
-        try:
-            while True:
-                batch = await queue.get()
-                if batch is None:
-                    return
-                if self.stop.is_set():
-                    continue
-                seg = batch.segment
-                # A one-line append, not worth a thread hop: it lets the next run count resends.
-                self.state.journal_sent(seg.k, batch.rows)
-                self.accounting.prompts_resent += len(seg.sent_before.intersection(batch.rows))
-                outcomes = await client.process([seg.texts[i] for i in batch.rows])
-                for i, outcome in zip(batch.rows, outcomes):
-                    seg.outcomes[i] = outcome
-                seg.dirty = True
-                crashpoint("batch:answered")
-                failed = sum(o.error is not None for o in outcomes)
-                self.answered += len(outcomes) - failed
-                self.progress.done += len(outcomes)
-                self.progress.failed += failed
-                self.progress.sent += len(outcomes)
-                self._report()
-                seg.outstanding -= 1
-                if seg.outstanding == 0:
-                    await self._commit(seg)
-        finally:
-            self.live_workers -= 1
-            if self.live_workers == 0:
-                self.workers_done.set()
-
-    async def _commit(self, seg: _Segment) -> None:
-        table = seg.to_table(only_resolved=False)
-        info = _info_of(table)
-        async with self.write_lock:
-            await asyncio.to_thread(self.state.commit_segment, seg.k, table, info)
-        self.open.pop(seg.k, None)
-        self.infos[seg.k] = info
-        async with self.slots:
-            self.slots.notify_all()
-
-    async def _tick(self) -> None:
-        """Write partial checkpoints of open segments every ``checkpoint_interval_s``."""
-        while not self.workers_done.is_set():
-            try:
-                await asyncio.wait_for(self.workers_done.wait(), self.spec.run.checkpoint_interval_s)
-            except TimeoutError:
-                await self._flush_partials()
-
-    async def _flush_partials(self) -> None:
-        async with self.write_lock:
-            for seg in list(self.open.values()):
-                if seg.dirty and seg.outstanding:
-                    table = seg.to_table(only_resolved=True)
-                    await asyncio.to_thread(self.state.write_partial, seg.k, self.run_id, table)
-                    seg.dirty = False
-
-    async def _watch_stop(
-        self, queue: asyncio.Queue[_Batch | None], producer: asyncio.Task[None], workers: list[asyncio.Task[None]]
-    ) -> None:
-        stop = asyncio.ensure_future(self.stop.wait())
-        done = asyncio.ensure_future(self.workers_done.wait())
-        try:
-            await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            done.cancel()
-        if not self.stop.is_set():
-            return
-        producer.cancel()
-        async with self.slots:
-            self.slots.notify_all()
-        while not queue.empty():
-            queue.get_nowait()
-        for _ in workers:
-            queue.put_nowait(None)
-        grace = self.spec.run.grace_s
-        log.warning("stopping: letting requests in flight land (up to %.0fs)", grace)
-        try:
-            await asyncio.wait_for(self.workers_done.wait(), grace)
-        except TimeoutError:
-            for w in workers:
-                w.cancel()
-
-    # -- signals and progress -------------------------------------------------------------------
-    _signal_name = "signal"
-
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_signal(sig: signal.Signals) -> None:
-            if self.stop.is_set():
-                # Every file is published atomically, so leaving now is safe; in-flight work is
-                # simply redone by the next run.
-                os.write(2, b"batchrun: second signal: exiting now; run the same command to resume\n")
-                os._exit(130)
-            self._signal_name = sig.name
-            self.stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
-
-    def _report(self) -> None:
-        if self.on_progress is not None:
-            self.progress.elapsed_s = time.monotonic() - self.started
-            self.on_progress(self.progress)
-
-
-def _next_wanted(segments: Any, wanted: set[int]) -> tuple[int, pa.Table] | None:
-    for k, table in segments:
-        if k in wanted:
-            return k, table
-    return None
-
-
-def _info_of(table: pa.Table) -> SegmentInfo:
-    errors = table.column("error").to_pylist()
-    failed = sum(e is not None for e in errors)
-    retryable = sum(e is not None and not e.startswith(EMPTY_PROMPT) for e in errors)
-    return SegmentInfo(
-        rows=table.num_rows,
-        failed=failed,
-        retryable=retryable,
-        params_types=params_types(table.column("params").unique().to_pylist()),
-    )

@@ -1,0 +1,385 @@
+"""The async engine: a fixed pool of workers over a bounded queue, segment commits, partials, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from . import source
+from .checkpoint import RESULT_SCHEMA, RunState, SegmentInfo, crashpoint
+from .client import Accounting, EndpointClient, RetryPolicy, RowOutcome, Throttle, make_session
+from .config import BUILTIN, JobSpec
+from .errors import BatchrunError, InterruptedRun
+from .protocol import Answer
+from .sink import params_types
+
+log = logging.getLogger("batchrun")
+
+EMPTY_PROMPT = "empty_prompt"
+
+
+@dataclass
+class Progress:
+    """A snapshot handed to ``on_progress``: rows of the whole job, not only of this run."""
+
+    total: int
+    done: int
+    failed: int
+    sent: int
+    elapsed_s: float
+
+
+@dataclass
+class _Batch:
+    segment: Segment
+    rows: list[int]  # indexes within the segment
+
+
+class Segment:
+    """A segment being worked on: its prompts, the outcome of each row, and batches outstanding."""
+
+    def __init__(self, k: int, start: int, table: pa.Table, spec: JobSpec):
+        self.k = k
+        self.start = start
+        prompts = source.render_prompts(table, spec)
+        self.texts = prompts.text
+        self.hashes = prompts.hashes()
+        self.ids = source.id_strings(table, spec.id_column) if spec.id_column else None
+        n = table.num_rows
+        self.outcomes: list[RowOutcome | None] = [None] * n
+        for i, why in enumerate(prompts.reason):
+            if why is not None:
+                self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None)
+        self.outstanding = 0
+        self.dirty = False  # results not yet in a partial file
+        self.sent_before: set[int] = set()  # rows a crashed run had sent (from the journal)
+
+    def carry_over(self, table: pa.Table) -> int:
+        """Reuse earlier successful results whose prompt hash still matches; return how many."""
+        reused = 0
+        d = table.to_pydict()
+        for row, h, rid, out, params, err, att, lat in zip(
+            d["row"], d["prompt_hash"], d["id"], d["output"], d["params"], d["error"], d["attempts"], d["latency_s"]
+        ):
+            i = row - self.start
+            if err is not None or not 0 <= i < len(self.outcomes) or self.hashes[i] != h:
+                continue
+            if self.ids is not None and self.ids[i] != rid:
+                continue
+            if self.outcomes[i] is None:
+                self.outcomes[i] = RowOutcome(Answer(out, params), None, att, lat)
+                reused += 1
+        return reused
+
+    def pending(self) -> list[int]:
+        return [i for i, o in enumerate(self.outcomes) if o is None]
+
+    def to_table(self, only_resolved: bool) -> pa.Table:
+        idx = [i for i, o in enumerate(self.outcomes) if o is not None or not only_resolved]
+        outs = [self.outcomes[i] for i in idx]
+        return pa.table(
+            {
+                "row": [self.start + i for i in idx],
+                "prompt_hash": self.hashes[idx] if idx else pa.array([], pa.int64()),
+                "id": [self.ids[i] for i in idx] if self.ids is not None else [None] * len(idx),
+                "output": [o.answer.output if o.answer else None for o in outs],
+                "params": [o.answer.params_json if o.answer else None for o in outs],
+                "error": [o.error for o in outs],
+                "attempts": [o.attempts for o in outs],
+                "latency_s": [o.latency_s for o in outs],
+            },
+            schema=RESULT_SCHEMA,
+        )
+
+
+class Engine:
+    def __init__(
+        self,
+        spec: JobSpec,
+        state: RunState,
+        plan: dict[str, Any],
+        infos: dict[int, SegmentInfo],
+        todo: list[int],
+        api_key: str | None,
+        on_progress: Callable[[Progress], None] | None,
+        started: float,
+    ):
+        self.spec = spec
+        self.state = state
+        self.plan = plan
+        self.infos = infos
+        self.todo = set(todo)
+        self.api_key = api_key
+        self.on_progress = on_progress
+        self.started = started
+        self.seg_rows = int(plan["segment_rows"])
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.open: dict[int, Segment] = {}
+        # Enough open segments to keep every worker busy twice over, so one slow batch does not
+        # stall the pipeline; bounded, so memory is too.
+        window = 2 * spec.run.concurrency * spec.run.batch_size
+        self.max_open = max(2, math.ceil(window / self.seg_rows) + 2)
+        self.slots = asyncio.Condition()
+        self.write_lock = asyncio.Lock()
+        self.stop = asyncio.Event()
+        self.workers_done = asyncio.Event()
+        self.live_workers = 0
+        self.answered = 0
+        done = sum(i.rows for k, i in infos.items() if k not in self.todo)
+        failed = sum(i.failed for k, i in infos.items() if k not in self.todo)
+        self.progress = Progress(total=plan["rows"], done=done, failed=failed, sent=0, elapsed_s=0.0)
+        self.accounting = Accounting()
+
+    # -- orchestration --------------------------------------------------------------------------
+    async def run(self, handle_signals: bool) -> None:
+        if handle_signals:
+            self._install_signals()
+        server_runner = None
+        url = self.spec.api_base
+        try:
+            if url == BUILTIN:
+                from . import server
+
+                server_runner, url, _ = await server.start_server("127.0.0.1", 0)
+                log.info("started the builtin reference endpoint at %s", url)
+            async with make_session(self.spec.run.concurrency, self.spec.timeout_s) as session:
+                run = self.spec.run
+                client = EndpointClient(
+                    session,
+                    url,
+                    self.spec.model_name,
+                    self.spec.params,
+                    RetryPolicy(
+                        max_retries=run.max_retries,
+                        base_s=run.retry_backoff_s,
+                        cap_s=run.retry_backoff_max_s,
+                        retry_after_cap_s=run.retry_after_max_s,
+                        outage_after=run.outage_after_failures,
+                    ),
+                    api_key=self.api_key,
+                    throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
+                    accounting=self.accounting,
+                    max_response_bytes=self.spec.max_response_bytes,
+                )
+                await self._pipeline(client)
+        finally:
+            if server_runner is not None:
+                await server_runner.cleanup()
+
+    async def _pipeline(self, client: EndpointClient) -> None:
+        queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=self.spec.run.concurrency)
+        n = self.spec.run.concurrency
+        self.live_workers = n
+        try:
+            async with asyncio.TaskGroup() as tg:
+                producer = tg.create_task(self._produce(queue, n))
+                workers = [tg.create_task(self._work(queue, client)) for _ in range(n)]
+                tg.create_task(self._tick())
+                tg.create_task(self._watch_stop(queue, producer, workers))
+        except BaseExceptionGroup as group:
+            await self._flush_partials()
+            errors = [e for e in group.exceptions if isinstance(e, BatchrunError)]
+            raise (errors[0] if errors else group.exceptions[0]) from None
+        except BaseException:
+            await self._flush_partials()
+            raise
+        if self.stop.is_set():
+            await self._flush_partials()
+            raise InterruptedRun(self._signal_name)
+
+    async def _produce(self, queue: asyncio.Queue[_Batch | None], workers: int) -> None:
+        try:
+            segments = source.iter_segments(
+                self.spec.input_files,
+                self.spec.input_format,
+                self._needed_columns(),
+                self.seg_rows,
+            )
+            while True:
+                item = await asyncio.to_thread(_next_wanted, segments, self.todo)
+                if item is None or self.stop.is_set():
+                    break
+                k, table = item
+                async with self.slots:
+                    await self.slots.wait_for(lambda: len(self.open) < self.max_open or self.stop.is_set())
+                if self.stop.is_set():
+                    break
+                seg = await asyncio.to_thread(self._open_segment, k, table)
+                pending = seg.pending()
+                size = self.spec.run.batch_size
+                batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+                seg.outstanding = len(batches)
+                self.open[k] = seg
+                self._report()
+                if not batches:
+                    await self._commit(seg)
+                for rows in batches:
+                    await queue.put(_Batch(seg, rows))
+                    if self.stop.is_set():
+                        break
+        except asyncio.CancelledError:
+            # Cancelled because the run is failing or stopping: the workers are going too, so
+            # nobody would take end markers from a full queue; awaiting a put would hang forever.
+            raise
+        if not self.stop.is_set():
+            for _ in range(workers):
+                await queue.put(None)
+
+    def _needed_columns(self) -> list[str]:
+        cols = list(self.spec.prompt_columns)
+        if self.spec.id_column and self.spec.id_column not in cols:
+            cols.append(self.spec.id_column)
+        return cols
+
+    def _open_segment(self, k: int, table: pa.Table) -> Segment:
+        seg = Segment(k, k * self.seg_rows, table, self.spec)
+        reused = 0
+        if k in self.infos:  # committed before with rows worth retrying: keep its successes
+            reused += seg.carry_over(self.state.read_segment(k))
+        for earlier in (self.state.read_partials(k), self.state.read_carry(seg.start, seg.start + table.num_rows)):
+            if earlier is not None:
+                reused += seg.carry_over(earlier)
+        seg.sent_before = self.state.read_journal(k)
+        resolved = sum(o is not None for o in seg.outcomes)
+        self.progress.done += resolved
+        self.progress.failed += resolved - reused
+        return seg
+
+    async def _work(self, queue: asyncio.Queue[_Batch | None], client: EndpointClient) -> None:
+        try:
+            while True:
+                batch = await queue.get()
+                if batch is None:
+                    return
+                if self.stop.is_set():
+                    continue
+                seg = batch.segment
+                # A one-line append, not worth a thread hop: it lets the next run count resends.
+                self.state.journal_sent(seg.k, batch.rows)
+                self.accounting.prompts_resent += len(seg.sent_before.intersection(batch.rows))
+                outcomes = await client.process([seg.texts[i] for i in batch.rows])
+                for i, outcome in zip(batch.rows, outcomes):
+                    seg.outcomes[i] = outcome
+                seg.dirty = True
+                crashpoint("batch:answered")
+                failed = sum(o.error is not None for o in outcomes)
+                self.answered += len(outcomes) - failed
+                self.progress.done += len(outcomes)
+                self.progress.failed += failed
+                self.progress.sent += len(outcomes)
+                self._report()
+                seg.outstanding -= 1
+                if seg.outstanding == 0:
+                    await self._commit(seg)
+        finally:
+            self.live_workers -= 1
+            if self.live_workers == 0:
+                self.workers_done.set()
+
+    async def _commit(self, seg: Segment) -> None:
+        table = seg.to_table(only_resolved=False)
+        info = segment_info(table)
+        async with self.write_lock:
+            await asyncio.to_thread(self.state.commit_segment, seg.k, table, info)
+        self.open.pop(seg.k, None)
+        self.infos[seg.k] = info
+        async with self.slots:
+            self.slots.notify_all()
+
+    async def _tick(self) -> None:
+        """Write partial checkpoints of open segments every ``checkpoint_interval_s``."""
+        while not self.workers_done.is_set():
+            try:
+                await asyncio.wait_for(self.workers_done.wait(), self.spec.run.checkpoint_interval_s)
+            except TimeoutError:
+                await self._flush_partials()
+
+    async def _flush_partials(self) -> None:
+        async with self.write_lock:
+            for seg in list(self.open.values()):
+                if seg.dirty and seg.outstanding:
+                    table = seg.to_table(only_resolved=True)
+                    await asyncio.to_thread(self.state.write_partial, seg.k, self.run_id, table)
+                    seg.dirty = False
+
+    async def _watch_stop(
+        self, queue: asyncio.Queue[_Batch | None], producer: asyncio.Task[None], workers: list[asyncio.Task[None]]
+    ) -> None:
+        stop = asyncio.ensure_future(self.stop.wait())
+        done = asyncio.ensure_future(self.workers_done.wait())
+        try:
+            await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            done.cancel()
+        if not self.stop.is_set():
+            return
+        producer.cancel()
+        async with self.slots:
+            self.slots.notify_all()
+        while not queue.empty():
+            queue.get_nowait()
+        for _ in workers:
+            queue.put_nowait(None)
+        grace = self.spec.run.grace_s
+        log.warning("stopping: letting requests in flight land (up to %.0fs)", grace)
+        try:
+            await asyncio.wait_for(self.workers_done.wait(), grace)
+        except TimeoutError:
+            for w in workers:
+                w.cancel()
+
+    # -- signals and progress -------------------------------------------------------------------
+    _signal_name = "signal"
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if self.stop.is_set():
+                # Every file is published atomically, so leaving now is safe; in-flight work is
+                # simply redone by the next run.
+                os.write(2, b"batchrun: second signal: exiting now; run the same command to resume\n")
+                os._exit(130)
+            self._signal_name = sig.name
+            self.stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.progress.elapsed_s = time.monotonic() - self.started
+            self.on_progress(self.progress)
+
+
+def _next_wanted(segments: Any, wanted: set[int]) -> tuple[int, pa.Table] | None:
+    for k, table in segments:
+        if k in wanted:
+            return k, table
+    return None
+
+
+def segment_info(table: pa.Table) -> SegmentInfo:
+    by_class: dict[str, int] = {}
+    for e in table.column("error").drop_null().to_pylist():
+        cls = e.split(":", 1)[0]
+        by_class[cls] = by_class.get(cls, 0) + 1
+    failed = sum(by_class.values())
+    return SegmentInfo(
+        rows=table.num_rows,
+        failed=failed,
+        retryable=failed - by_class.get(EMPTY_PROMPT, 0),
+        params_types=params_types(table.column("params").unique().to_pylist()),
+        failed_by_class=by_class,
+    )
