@@ -185,7 +185,11 @@ def merge_job(job: JobSpec | str | Path) -> RunSummary:
     infos = state.scan_segments(sizes)
     _refuse_unfinished(state, sizes, infos)
     with state.lock("merge.lock"):
-        _finish(spec, state, plan, summary, sizes)
+        if _output_current(spec, state):
+            summary.status = "nothing_to_do"
+            _set_counts(summary, _counts(infos))
+        else:
+            _finish(spec, state, plan, summary, sizes)
     _close_summary(summary, started, spec, None)
     return summary
 

@@ -2,16 +2,42 @@
 
 Tests run batchrun in the foreground (``run_job`` owns its event loop, the CLI its process), so
 the endpoint serves from a background thread with a loop of its own. Faults are chosen per
-request by a rule ``(request_number, prompts) -> fault name or None``.
+request by a rule ``(request_number, prompts) -> fault name or None``; ``shared_faults`` makes a
+seeded rule that faults a share of requests and always rejects chosen (poison) prompts.
+
+Fault names:
+
+- ``"500"``, ``"429"``, any three digits: that status with a JSON error body;
+  ``"429ra"``/``"503ra"``: the same with ``Retry-After: <retry_after>`` (seconds);
+  ``"429date"``/``"503date"``: with ``Retry-After`` as an HTTP date ``retry_after_date_s`` ahead
+  (whole seconds, so the wait it asks for is up to a second shorter);
+  ``"401echo"``/``"500echo"``: an error body quoting the request's ``Authorization`` header back,
+  as careless servers do ("invalid key: ...").
+- ``"reset"``: the connection is closed with no answer; ``"cut"``: the body stops half-way.
+- ``"hang"``: no answer at all; ``"slow"``: a valid answer trickled a byte at a time, forever
+  for a client with a timeout (each read succeeds, the whole never arrives in time).
+- ``"redirect"``: 307 to ``redirect_to``.
+- ``"huge"``: a valid answer padded past ``huge_bytes`` (with Content-Length);
+  ``"huge_chunked"``: the same, chunked, so the size is only known while reading.
+- answers that fail validation: ``"invalid_json"``, ``"empty_body"``, ``"top_list"`` (a JSON
+  list, not an object), ``"wrong_shape"`` (``data`` an object), ``"not_ok"``, ``"drop"`` (one item
+  too few), ``"extra"`` (one too many), ``"reorder"``, ``"alter"`` (an altered prompt echo),
+  ``"output_string"`` / ``"output_numbers"`` (``output`` not a list of strings).
+- ``"swap_outputs"``: outputs exchanged, prompts echoed faithfully; undetectable by design.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
 import json
+import random
+import re
+import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -19,6 +45,20 @@ from aiohttp import web
 from batchrun import server
 
 Rule = Callable[[int, list[str]], "str | None"]
+
+STATUS = re.compile(r"^(\d{3})(ra|date|echo)?$")
+
+
+@dataclass
+class Arrival:
+    """One POST as the endpoint saw it: when (``time.monotonic``), how big, and what it got."""
+
+    n: int
+    at: float
+    prompts: int
+    headers: dict[str, str]
+    fault: str | None = None
+    answered_at: float | None = None  # when the answer (or fault) was handed back
 
 
 @dataclass
@@ -31,6 +71,7 @@ class FaultLog:
     max_in_flight: int = 0
     max_batch: int = 0
     prompts_received: list[str] = field(default_factory=list)
+    arrivals: list[Arrival] = field(default_factory=list)
 
 
 def _mutate(kind: str, doc: dict) -> dict | bytes:
@@ -52,19 +93,87 @@ def _mutate(kind: str, doc: dict) -> dict | bytes:
         doc["message"] = "error: model overloaded"
     elif kind == "output_string":
         data[0] = {**data[0], "output": data[0]["output"][0]}
+    elif kind == "output_numbers":
+        data[0] = {**data[0], "output": [1, 2, 3]}
+    elif kind == "wrong_shape":
+        doc["data"] = {item["prompt"]: item for item in data}
+    elif kind == "top_list":
+        return json.dumps(data).encode()
     elif kind == "invalid_json":
         return b'{"data": [ this is not json'
+    elif kind == "empty_body":
+        return b""
     else:
         raise ValueError(f"unknown fault {kind!r}")
     return doc
 
 
-class LiveEndpoint:
-    """``with LiveEndpoint(rule=...) as ep: ... ep.url ... ep.stats ... ep.log``."""
+def shared_faults(
+    share: float,
+    kinds: Iterable[str],
+    seed: int,
+    *,
+    always_reject: Iterable[str] = (),
+    reject_status: int = 400,
+    max_faults: int | None = None,
+) -> Rule:
+    """Fault about ``share`` of requests with a kind from ``kinds``, and answer ``reject_status``
+    to any request holding one of the ``always_reject`` prompts (poison: never answered).
 
-    def __init__(self, options: server.ServerOptions | None = None, rule: Rule | None = None):
+    Whether request ``n`` is faulted is a pure function of ``(seed, n)``, so the same request
+    numbers are faulted in every run whatever the prompts; the kinds take turns, so every kind
+    occurs once there are as many faults as kinds. At most ``max_faults`` faults are injected
+    (poison rejections not counted), for kinds that cost seconds each.
+    """
+    kinds = list(kinds)
+    poison = frozenset(always_reject)
+    injected = 0
+
+    def rule(n: int, prompts: list[str]) -> str | None:
+        nonlocal injected
+        if poison and not poison.isdisjoint(prompts):
+            return str(reject_status)
+        if not kinds or random.Random(f"{seed}:{n}").random() >= share:
+            return None
+        if max_faults is not None and injected >= max_faults:
+            return None
+        injected += 1
+        return kinds[(injected - 1) % len(kinds)]
+
+    return rule
+
+
+class LiveEndpoint:
+    """``with LiveEndpoint(rule=...) as ep: ... ep.url ... ep.stats ... ep.log``.
+
+    ``api_keys``: when set, a request without ``Authorization: Bearer <one of them>`` is refused
+    with ``refuse_status`` before any rule applies. ``ssl_context`` serves https instead.
+    """
+
+    def __init__(
+        self,
+        options: server.ServerOptions | None = None,
+        rule: Rule | None = None,
+        *,
+        retry_after: str = "1",
+        retry_after_date_s: float = 2.0,
+        redirect_to: str = "",
+        huge_bytes: int = 256 * 1024,
+        slow_step_s: float = 0.05,
+        api_keys: Iterable[str] | None = None,
+        refuse_status: int = 401,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         self.options = options or server.ServerOptions()
         self.rule = rule
+        self.retry_after = retry_after
+        self.retry_after_date_s = retry_after_date_s
+        self.redirect_to = redirect_to
+        self.huge_bytes = huge_bytes
+        self.slow_step_s = slow_step_s
+        self.api_keys = None if api_keys is None else set(api_keys)
+        self.refuse_status = refuse_status
+        self.ssl_context = ssl_context
         self.log = FaultLog()
         self.url = ""
         self._ready = threading.Event()
@@ -72,7 +181,6 @@ class LiveEndpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._app: web.Application | None = None
-        self._lock = threading.Lock()
         self._numbers = itertools.count(1)
 
     @property
@@ -101,12 +209,15 @@ class LiveEndpoint:
         app = server.make_app(self.options)
         app.middlewares.append(self._middleware)
         self._app = app
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        # handler_cancellation: a request the client gave up on (a timeout) stops counting as in
+        # flight when its connection closes, so max_in_flight measures the client's concurrency.
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         port = runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/inference"
+        scheme = "https" if self.ssl_context else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}/inference"
         self._ready.set()
         try:
             await self._stop.wait()
@@ -117,36 +228,90 @@ class LiveEndpoint:
     async def _middleware(self, request: web.Request, handler):
         if request.method != "POST":
             return await handler(request)
-        n = next(self._numbers)
+        arrival = Arrival(next(self._numbers), time.monotonic(), 0, dict(request.headers))
         try:
             prompts = (await request.json())["params"]["prompt"]
         except Exception:
             prompts = []
+        arrival.prompts = len(prompts)
         log = self.log
+        log.arrivals.append(arrival)
         log.requests += 1
         log.in_flight += 1
         log.max_in_flight = max(log.max_in_flight, log.in_flight)
         log.max_batch = max(log.max_batch, len(prompts))
         log.prompts_received.extend(prompts)
         try:
-            kind = self.rule(n, prompts) if self.rule else None
+            kind = self._choose(arrival.n, prompts, request)
+            arrival.fault = kind
             if kind is None:
                 return await handler(request)
             log.faults[kind] = log.faults.get(kind, 0) + 1
-            if kind.isdigit():
-                return web.json_response(
-                    {"message": f"injected HTTP {kind}", "data": []}, status=int(kind)
-                )
-            if kind == "hang":
-                await asyncio.sleep(3600)
-            if kind == "reset":
+            return await self._fault(kind, request, handler)
+        finally:
+            arrival.answered_at = time.monotonic()
+            log.in_flight -= 1
+
+    def _choose(self, n: int, prompts: list[str], request: web.Request) -> str | None:
+        if self.api_keys is not None:
+            if request.headers.get("Authorization") not in {f"Bearer {k}" for k in self.api_keys}:
+                return str(self.refuse_status)
+        return self.rule(n, prompts) if self.rule else None
+
+    async def _fault(self, kind: str, request: web.Request, handler) -> web.StreamResponse:
+        status = STATUS.match(kind)
+        if status:
+            headers = {}
+            if status.group(2) == "ra":
+                headers["Retry-After"] = self.retry_after
+            elif status.group(2) == "date":
+                headers["Retry-After"] = email.utils.formatdate(time.time() + self.retry_after_date_s, usegmt=True)
+            message = f"injected HTTP {status.group(1)}"
+            if status.group(2) == "echo":
+                message = f"invalid credentials: {request.headers.get('Authorization', '')}"
+            return web.json_response(
+                {"message": message, "data": []},
+                status=int(status.group(1)),
+                headers=headers,
+            )
+        if kind == "redirect":
+            return web.Response(status=307, headers={"Location": self.redirect_to})
+        if kind == "hang":
+            await asyncio.sleep(3600)
+        if kind == "reset":
+            assert request.transport is not None
+            request.transport.close()
+            raise ConnectionResetError("injected reset")
+        resp = await handler(request)
+        body: bytes = resp.body
+        if kind in ("huge", "huge_chunked"):
+            doc = json.loads(body)
+            doc["padding"] = "x" * self.huge_bytes  # still a valid answer: only its size is wrong
+            body = json.dumps(doc).encode()
+            if kind == "huge":
+                return web.Response(body=body, content_type="application/json")
+            stream = web.StreamResponse(headers={"Content-Type": "application/json"})
+            stream.enable_chunked_encoding()
+            await stream.prepare(request)
+            for i in range(0, len(body), 16384):
+                await stream.write(body[i : i + 16384])
+            await stream.write_eof()
+            return stream
+        if kind in ("slow", "cut"):
+            stream = web.StreamResponse(headers={"Content-Type": "application/json"})
+            stream.content_length = len(body)
+            await stream.prepare(request)
+            if kind == "cut":
+                await stream.write(body[: len(body) // 2])
                 assert request.transport is not None
                 request.transport.close()
-                raise ConnectionResetError("injected reset")
-            resp = await handler(request)
-            mutated = _mutate(kind, json.loads(resp.body))
-            if isinstance(mutated, bytes):
-                return web.Response(body=mutated, content_type="application/json")
-            return web.json_response(mutated)
-        finally:
-            log.in_flight -= 1
+                raise ConnectionResetError("injected cut")
+            for i in range(len(body)):  # bounded: a byte per step, ends when the client leaves
+                await stream.write(body[i : i + 1])
+                await asyncio.sleep(self.slow_step_s)
+            await stream.write_eof()
+            return stream
+        mutated = _mutate(kind, json.loads(body))
+        if isinstance(mutated, bytes):
+            return web.Response(body=mutated, content_type="application/json")
+        return web.json_response(mutated)
