@@ -112,13 +112,18 @@ class Throttle:
     async def wait(self, prompts: int) -> float:
         """Wait for a turn to send ``prompts`` prompts; return the seconds waited."""
         started = time.monotonic()
-        while (left := self._paused_until - time.monotonic()) > 0:
-            await asyncio.sleep(left)
+        await self._sit_out_pause()
         if self._requests is not None:
             await self._requests.acquire()
         if self._prompts is not None:
             await self._prompts.acquire(min(prompts, self._batch))
+        # A 429 answered while this request queued on a limiter holds it too.
+        await self._sit_out_pause()
         return time.monotonic() - started
+
+    async def _sit_out_pause(self) -> None:
+        while (left := self._paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(left)
 
 
 class EndpointClient:

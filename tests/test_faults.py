@@ -1,0 +1,703 @@
+"""Endpoint faults (issue 3): retries, timeouts, throttling, poison prompts, credentials, outages.
+
+Every figure is taken inside the live endpoint on 127.0.0.1 (requests, prompts, arrival times,
+headers), never from batchrun's own word alone. Backoffs are tiny (conftest's ``write_job``), so
+the slow parts are the waits a test is about: a ``Retry-After``, a rate limit, a timeout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from conftest import assert_exact, expected_output, prompt_rows, write_csv, write_job
+from endpoint import Arrival, LiveEndpoint, shared_faults
+from test_run import BATCHRUN, committed_results, state_dir
+
+from batchrun import run_job
+from batchrun.errors import OutageError
+from batchrun.server import ServerOptions
+
+KEY_ENV = "BATCHRUN_FAULTS_TEST_KEY"
+
+# The retry cause each fault must be counted under: the class the issue gives it.
+CAUSE = {
+    "reset": "connection",
+    "cut": "connection",
+    "hang": "timeout",
+    "slow": "timeout",
+    **{s: f"http_{s[:3]}" for s in ("408", "409", "425", "429", "429ra", "429date")},
+    **{s: f"http_{s[:3]}" for s in ("500", "502", "503", "503ra", "503date")},
+    **dict.fromkeys(
+        ("invalid_json", "empty_body", "top_list", "wrong_shape", "not_ok", "drop", "extra", "alter",
+         "output_string", "output_numbers", "huge", "huge_chunked"),
+        "invalid_response",
+    ),
+}
+# Faults that spoil one item of an answer: the other items are kept and only one prompt is resent.
+ONE_ITEM = {"drop", "extra", "alter", "output_string", "output_numbers"}
+# Faults that cost about a second of waiting each (Retry-After): injected at most twice.
+WAITING = {"429ra", "429date", "503ra", "503date"}
+FAULT_KINDS = [*CAUSE, "reorder"]
+
+
+def output_of(tmp_path: Path) -> Path:
+    return tmp_path / "out" / "result.parquet"
+
+
+def cli(*args: Any, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``batchrun ARGS`` as a user runs it, with ``env`` added to the environment."""
+    return subprocess.run(
+        [str(BATCHRUN), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def arrivals_between(arrivals: list[Arrival], start: float, end: float) -> list[Arrival]:
+    return [a for a in arrivals if start < a.at < end]
+
+
+def only_failed(df: pl.DataFrame) -> pl.DataFrame:
+    return df.filter(pl.col("error").is_not_null())
+
+
+def poisoned(rows: list[dict[str, Any]], positions: list[int]) -> list[str]:
+    """Make the prompts at ``positions`` poison (rejected by ``shared_faults``); return them."""
+    for i in positions:
+        rows[i]["prompt"] = f"POISON {i}: the endpoint always refuses this one"
+    return [rows[i]["prompt"] for i in positions]
+
+
+# --- 1. each fault kind on a share of requests ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_each_fault_kind_on_a_third_of_requests_is_retried_under_its_class_and_the_output_is_exact(
+    tmp_path: Path, kind: str
+) -> None:
+    """No row lost, none duplicated, none with another prompt's output; each fault costs exactly
+    one retry counted under its class; status and connection faults resend the batch whole (never
+    split); a spoilt item resends only that prompt; a reordered answer is matched, not retried."""
+    rows = prompt_rows(48)
+    write_csv(tmp_path / "input.csv", rows)
+    rule = shared_faults(1 / 3, [kind], seed=11, max_faults=2 if kind in WAITING else None)
+    with LiveEndpoint(rule=rule, huge_bytes=64 * 1024, retry_after_date_s=1.0) as ep:
+        job = write_job(
+            tmp_path, ep.url,
+            endpoint={"timeout_s": 0.5 if CAUSE.get(kind) == "timeout" else 10, "max_response_mb": 0.01},
+            run={"batch_size": 4, "concurrency": 4, "max_retries": 10},
+        )
+        summary = run_job(job)
+    faults = ep.log.faults.get(kind, 0)
+    assert faults >= 1, "the fault was never injected"
+    assert (summary.status, summary.exit_code) == ("complete", 0)
+    assert summary.duration_s < 15, "a fault held the run up"
+    df = assert_exact(output_of(tmp_path), rows)
+    assert ep.log.max_batch <= 4 and ep.log.max_in_flight <= 4
+    assert summary.requests == ep.log.requests == 12 + (0 if kind == "reorder" else faults)
+    resent_per_fault = 0 if kind == "reorder" else 1 if kind in ONE_ITEM else 4
+    assert summary.prompts_resent == faults * resent_per_fault
+    assert summary.prompts_sent == len(ep.log.prompts_received) == 48 + faults * resent_per_fault
+    if kind == "reorder":
+        assert summary.retries_by_cause == {}
+        assert df["attempts"].to_list() == [1] * 48
+    else:
+        assert summary.retries_by_cause == {CAUSE[kind]: faults}
+        assert df["attempts"].max() > 1
+    if kind not in ONE_ITEM:
+        assert Counter(a.prompts for a in ep.log.arrivals) == {4: ep.log.requests}, "a batch was split"
+
+
+# --- 2. Retry-After --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "at_least_s", "at_most_s"),
+    [("429ra", 1.0, 1.6), ("503ra", 1.0, 1.6), ("429date", 1.0, 2.6), ("503date", 1.0, 2.6)],
+)
+def test_retry_after_in_seconds_or_as_an_http_date_delays_the_next_request_that_long(
+    tmp_path: Path, kind: str, at_least_s: float, at_most_s: float
+) -> None:
+    """``Retry-After: 1``, or a date 1-2 s ahead, on the first request only: the next request
+    arrives at least that long after the answer went out, and not much later."""
+    rows = prompt_rows(8)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(rule=lambda n, p: kind if n == 1 else None, retry_after="1", retry_after_date_s=2.0) as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1})
+        summary = run_job(job)
+    first, second = ep.log.arrivals[:2]
+    assert first.fault == kind and first.answered_at is not None
+    waited = second.at - first.answered_at
+    print(f"{kind}: next request {waited:.3f}s after the answer")
+    assert at_least_s - 0.01 <= waited <= at_most_s
+    assert summary.retries_by_cause == {CAUSE[kind]: 1}
+    assert_exact(output_of(tmp_path), rows)
+
+
+def test_a_retry_after_longer_than_retry_after_max_s_is_capped(tmp_path: Path) -> None:
+    """``Retry-After: 30`` with ``retry_after_max_s = 0.3``: the run waits about 0.3 s, not 30."""
+    rows = prompt_rows(8)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(rule=lambda n, p: "429ra" if n == 1 else None, retry_after="30") as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1, "retry_after_max_s": 0.3})
+        started = time.monotonic()
+        summary = run_job(job)
+        took = time.monotonic() - started
+    first, second = ep.log.arrivals[:2]
+    assert first.answered_at is not None
+    waited = second.at - first.answered_at
+    print(f"Retry-After 30 capped at 0.3: waited {waited:.3f}s; run took {took:.2f}s")
+    assert 0.29 <= waited < 1.0
+    assert took < 5
+    assert summary.exit_code == 0
+    assert_exact(output_of(tmp_path), rows)
+
+
+# --- 3. a 429 slows the whole run -----------------------------------------------------------------
+
+
+def test_a_429_with_retry_after_pauses_every_worker_not_only_the_request_that_got_it(tmp_path: Path) -> None:
+    """Concurrency 4, answers taking 0.2 s, ``Retry-After: 1`` on request 6: no request at all
+    arrives from just after that answer until about 1 s later; then the run goes on."""
+    rows = prompt_rows(64)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(ServerOptions(latency_s=0.2), rule=lambda n, p: "429ra" if n == 6 else None) as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 2, "concurrency": 4})
+        summary = run_job(job)
+    arrivals = ep.log.arrivals
+    hit = arrivals[5]
+    assert hit.fault == "429ra" and hit.answered_at is not None
+    # 50 ms for the 429 to reach the client: requests sent before it knew are not its fault.
+    during = arrivals_between(arrivals, hit.answered_at + 0.05, hit.answered_at + 0.95)
+    after = [a.at - hit.answered_at for a in arrivals if a.at > hit.answered_at + 0.05]
+    print(f"first request after the 429: {min(after):.3f}s later; during the pause: {len(during)}")
+    assert during == [], f"{len(during)} requests arrived during the shared pause"
+    assert len(after) > 8
+    assert summary.exit_code == 0
+    assert_exact(output_of(tmp_path), rows)
+
+
+def test_a_429_pause_also_holds_requests_already_queued_on_the_rate_limit(tmp_path: Path) -> None:
+    """With ``requests_per_minute`` set, workers wait their turn on the limiter; a 429 answered
+    meanwhile must hold them too: nothing arrives during its ``Retry-After: 1``."""
+    rows = prompt_rows(48)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(rule=lambda n, p: "429ra" if n == 6 else None) as ep:
+        job = write_job(
+            tmp_path, ep.url, run={"batch_size": 2, "concurrency": 4, "requests_per_minute": 1200}
+        )
+        summary = run_job(job)
+    arrivals = ep.log.arrivals
+    hit = arrivals[5]
+    assert hit.fault == "429ra" and hit.answered_at is not None
+    during = arrivals_between(arrivals, hit.answered_at + 0.05, hit.answered_at + 0.95)
+    print(f"requests during the shared pause under a rate limit: {[round(a.at - hit.answered_at, 3) for a in during]}")
+    assert during == [], f"{len(during)} requests arrived during the shared pause"
+    assert summary.exit_code == 0
+    assert_exact(output_of(tmp_path), rows)
+
+
+# --- 4. other 4xx: poison prompts --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_poison_prompts_fail_alone_as_rejected_and_halving_costs_two_requests_per_level(
+    tmp_path: Path, status: int
+) -> None:
+    """Five prompts the endpoint always refuses, each in its own batch of 16: each fails alone
+    ("rejected: HTTP <status>"), its 15 neighbours succeed, and finding it costs exactly
+    2 * log2(16) = 8 extra requests (both halves at each of 4 levels), never a retry."""
+    rows = prompt_rows(160)
+    positions = [5, 40, 77, 100, 159]  # batches 0, 2, 4, 6 and 9
+    poison = poisoned(rows, positions)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(rule=shared_faults(0, [], seed=0, always_reject=poison, reject_status=status)) as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 16, "concurrency": 4})
+        summary = run_job(job)
+    levels = int(math.log2(16))
+    print(f"HTTP {status}: {ep.log.requests} requests for 10 batches with 5 poison prompts")
+    assert ep.log.requests == summary.requests == 10 + 5 * 2 * levels
+    received = Counter(ep.log.prompts_received)
+    assert [received[p] for p in poison] == [levels + 1] * 5  # sent at 16, 8, 4, 2 and 1
+    assert len(ep.log.prompts_received) == 160 + 5 * (16 + 8 + 4 + 2)
+    assert summary.retries_by_cause == {}
+    assert (summary.exit_code, summary.failed, summary.failed_by_class) == (3, 5, {"rejected": 5})
+    df = pl.read_parquet(output_of(tmp_path))
+    assert df["id"].to_list() == [r["id"] for r in rows]
+    for i, (got, r) in enumerate(zip(df.iter_rows(named=True), rows)):
+        if i in positions:
+            assert got["output"] is None
+            assert got["error"].startswith(f"rejected: HTTP {status}: "), got
+        else:
+            assert got["error"] is None, got
+            assert got["output"] == expected_output(r["prompt"])
+
+
+# --- 5. credentials refused --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_stops_the_cli_at_once_with_exit_4_and_the_fixed_key_completes(
+    tmp_path: Path, status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong key: exit 4 with a message naming the key, no more requests than workers, no
+    output, no row marked failed. The right key in the variable: the same job completes."""
+    rows = prompt_rows(200)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(api_keys={"the-right-key"}, refuse_status=status) as ep:
+        job = write_job(tmp_path, ep.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 4})
+        started = time.monotonic()
+        refused = cli(job, cwd=tmp_path, env={KEY_ENV: "a-wrong-key"})
+        took = time.monotonic() - started
+        assert refused.returncode == 4, refused.stderr
+        assert f"batchrun: error: the endpoint refused the credentials (HTTP {status}): check the API key" in refused.stderr
+        assert ep.log.faults == {str(status): ep.log.requests}
+        assert 1 <= ep.log.requests <= 4, "requests went on after the key was refused"
+        assert took < 10
+        assert not output_of(tmp_path).exists()
+        errors = committed_results(state_dir(tmp_path)).column("error")
+        assert errors.null_count == len(errors), "a row was marked failed because of the key"
+
+        first = ep.log.requests
+        monkeypatch.setenv(KEY_ENV, "the-right-key")
+        assert run_job(job).exit_code == 0
+        assert all(a.headers["Authorization"] == "Bearer the-right-key" for a in ep.log.arrivals[first:])
+        assert Counter(ep.log.prompts_received[-200:]) == Counter(r["prompt"] for r in rows)
+    assert_exact(output_of(tmp_path), rows)
+
+
+# --- 6. outage ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_connection_refused_stops_the_cli_early_with_exit_4_and_a_new_api_base_completes(tmp_path: Path) -> None:
+    """An endpoint that is gone (its port refuses connections): the run stops within a few seconds
+    with exit 4 and says progress is kept; pointed at the endpoint's new address (api_base is not
+    pinned), the same job completes, each prompt sent once."""
+    rows = prompt_rows(2000)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint() as gone:
+        dead_url = gone.url
+    job = write_job(tmp_path, dead_url, run={"batch_size": 16, "concurrency": 8, "outage_after_failures": 10})
+    started = time.monotonic()
+    stopped = cli(job, cwd=tmp_path)
+    took = time.monotonic() - started
+    print(f"connection refused: stopped after {took:.2f}s: {stopped.stderr.strip().splitlines()[-1]}")
+    assert stopped.returncode == 4, stopped.stderr
+    assert "failed 10 attempts in a row (last: connection: " in stopped.stderr
+    assert "stopped early with progress kept" in stopped.stderr
+    assert took < 10
+    assert not output_of(tmp_path).exists()
+    assert committed_results(state_dir(tmp_path)).num_rows == 0
+
+    with LiveEndpoint() as back:
+        write_job(tmp_path, back.url, run={"batch_size": 16, "concurrency": 8, "outage_after_failures": 10})
+        assert run_job(job).exit_code == 0
+        assert Counter(back.log.prompts_received) == Counter(r["prompt"] for r in rows)
+    assert_exact(output_of(tmp_path), rows)
+
+
+@pytest.mark.timeout(60)
+def test_an_endpoint_that_turns_to_503_stops_the_run_keeping_progress_and_the_rerun_resends_none_of_it(
+    tmp_path: Path,
+) -> None:
+    """Serves 30 requests, then answers 503 to everything: ``run_job`` raises ``OutageError``
+    after ``outage_after_failures`` failures in a row (requests bounded by that plus the workers),
+    no row is marked failed, every answered row is kept (segments and partials); once the endpoint
+    is back, the same job sends exactly the rows not yet kept."""
+    rows = prompt_rows(400)
+    write_csv(tmp_path / "input.csv", rows)
+    outage_after, concurrency, served = 6, 4, 30
+    broken = {"on": True}
+    with LiveEndpoint(rule=lambda n, p: "503" if broken["on"] and n > served else None) as ep:
+        job = write_job(
+            tmp_path, ep.url,
+            run={"batch_size": 4, "concurrency": concurrency, "checkpoint_rows": 16,
+                 "max_retries": 12, "outage_after_failures": outage_after},
+        )
+        started = time.monotonic()
+        with pytest.raises(OutageError, match=f"failed {outage_after} attempts in a row .*stopped early with progress kept"):
+            run_job(job)
+        took = time.monotonic() - started
+        print(f"503 outage: stopped after {took:.2f}s and {ep.log.requests} requests")
+        assert took < 10
+        assert served < ep.log.requests <= served + outage_after + concurrency
+        answered = {p for a, p in _prompts_by_arrival(ep.log) if a.fault is None}
+        kept = committed_results(state_dir(tmp_path)).to_pylist()
+        assert [r for r in kept if r["error"] is not None] == [], "the outage marked rows failed"
+        kept_prompts = {rows[r["row"]]["prompt"] for r in kept}
+        print(f"answered {len(answered)} rows before the outage, kept {len(kept_prompts)}")
+        assert kept_prompts <= answered
+        # Only answers still on their way when the run stopped may be lost.
+        assert len(answered - kept_prompts) <= 4 * concurrency
+        assert not output_of(tmp_path).exists()
+
+        broken["on"] = False
+        first = len(ep.log.prompts_received)
+        summary = run_job(job)
+        resent = Counter(ep.log.prompts_received[first:])
+    assert resent == Counter(r["prompt"] for r in rows if r["prompt"] not in kept_prompts)
+    assert (summary.status, summary.rows_reused) == ("complete", len(kept_prompts))
+    assert_exact(output_of(tmp_path), rows)
+
+
+def _prompts_by_arrival(log: Any) -> list[tuple[Arrival, str]]:
+    """Pair each received prompt with the request that carried it (both lists are in order)."""
+    out, prompts = [], iter(log.prompts_received)
+    for a in log.arrivals:
+        out += [(a, next(prompts)) for _ in range(a.prompts)]
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_a_5000_row_job_against_an_endpoint_down_from_the_start_marks_no_row_failed(tmp_path: Path) -> None:
+    """503 to everything with the default outage threshold (20): the run stops within
+    20 + concurrency requests, well within a few seconds, with not one row marked failed."""
+    rows = prompt_rows(5000)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(rule=lambda n, p: "503") as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
+        started = time.monotonic()
+        with pytest.raises(OutageError):
+            run_job(job)
+        took = time.monotonic() - started
+    print(f"down from the start: {ep.log.requests} requests, {took:.2f}s")
+    assert 20 <= ep.log.requests <= 20 + 8
+    assert took < 10
+    errors = committed_results(state_dir(tmp_path)).column("error")
+    assert errors.null_count == len(errors), "rows were marked failed by an outage"
+
+
+@pytest.mark.timeout(60)
+def test_rows_that_failed_in_the_run_up_to_an_outage_are_retried_when_the_endpoint_is_back(tmp_path: Path) -> None:
+    """One worker, 3 attempts a batch, outage after 10 failures: batches give up before the outage
+    is called. Whatever they recorded, the rerun once the endpoint is back completes exactly."""
+    rows = prompt_rows(200)
+    write_csv(tmp_path / "input.csv", rows)
+    broken = {"on": True}
+    with LiveEndpoint(rule=lambda n, p: "503" if broken["on"] else None) as ep:
+        job = write_job(
+            tmp_path, ep.url,
+            run={"batch_size": 4, "concurrency": 1, "max_retries": 2, "outage_after_failures": 10, "checkpoint_rows": 8},
+        )
+        with pytest.raises(OutageError):
+            run_job(job)
+        assert ep.log.requests == 10
+        broken["on"] = False
+        first = len(ep.log.prompts_received)
+        summary = run_job(job)
+        assert Counter(ep.log.prompts_received[first:]) == Counter(r["prompt"] for r in rows)
+    assert (summary.status, summary.exit_code, summary.failed) == ("complete", 0, 0)
+    assert_exact(output_of(tmp_path), rows)
+
+
+# --- 7. rows that exhaust their retries ------------------------------------------------------------
+
+
+def test_rows_that_exhaust_retries_keep_class_and_last_reason_exit_3_and_a_rerun_sends_only_them(
+    tmp_path: Path,
+) -> None:
+    """One prompt always gets an altered echo, one batch always hangs past ``timeout_s``, one
+    always gets a 503: after 3 attempts those rows end with ``error`` = class, last reason and
+    attempts; the CLI exits 3 with the classes in its summary; the rerun sends those rows only."""
+    rows = prompt_rows(32)
+    alter, hang, down = rows[8]["prompt"], rows[17]["prompt"], rows[26]["prompt"]  # first of a batch; inside others
+
+    def rule(n: int, prompts: list[str]) -> str | None:
+        if prompts and prompts[0] == alter:
+            return "alter"  # spoils the first item's echo
+        return "hang" if hang in prompts else "503" if down in prompts else None
+
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(rule=rule) as ep:
+        job = write_job(
+            tmp_path, ep.url, endpoint={"timeout_s": 0.3}, run={"batch_size": 4, "concurrency": 2, "max_retries": 2}
+        )
+        first = cli(job, cwd=tmp_path)
+        assert first.returncode == 3, first.stderr
+        assert "batchrun: complete_with_failed_rows: 23/32 rows succeeded, 9 failed (http_503 4, invalid_response 1, timeout 4)" in first.stdout
+        df = pl.read_parquet(output_of(tmp_path))
+        failed = only_failed(df)
+        assert failed["id"].to_list() == [rows[i]["id"] for i in (8, 16, 17, 18, 19, 24, 25, 26, 27)]
+        errors = dict(zip(failed["id"].to_list(), failed["error"].to_list()))
+        assert errors[rows[8]["id"]].startswith("invalid_response: invalid response: item 0: echoed prompt matches no prompt sent")
+        assert errors[rows[17]["id"]] == "timeout: no complete answer within endpoint.timeout_s (gave up after 3 attempts)"
+        assert errors[rows[26]["id"]].startswith("http_503: HTTP 503: ")
+        assert "injected HTTP 503" in errors[rows[26]["id"]]
+        assert all(e.endswith("(gave up after 3 attempts)") for e in errors.values())
+        assert set(failed["attempts"].to_list()) == {3}
+        assert failed["output"].null_count() == 9
+
+        ep.rule = None
+        sent = len(ep.log.prompts_received)
+        assert run_job(job).exit_code == 0
+        assert Counter(ep.log.prompts_received[sent:]) == Counter(
+            rows[i]["prompt"] for i in (8, 16, 17, 18, 19, 24, 25, 26, 27)
+        )
+    assert_exact(output_of(tmp_path), rows)
+
+
+# --- 8. throttling -------------------------------------------------------------------------------
+
+
+def steady_rate(arrivals: list[Arrival], weight: str) -> float:
+    """Requests (or prompts) per second from the second arrival to the last: the first request
+    passes an empty bucket at once, and each later one pays for itself before it is sent."""
+    ordered = sorted(arrivals, key=lambda a: a.at)
+    span = ordered[-1].at - ordered[1].at
+    paid = sum(1 if weight == "requests" else a.prompts for a in ordered[2:])
+    return paid / span
+
+
+@pytest.mark.parametrize(
+    ("key", "per_minute", "batch_size", "checkpoint_rows", "rows"),
+    [
+        ("requests_per_minute", 600, 2, 2048, 62),  # 10 requests/s: 31 requests over 3 s
+        ("prompts_per_minute", 2400, 4, 10, 130),  # 40 prompts/s in batches of 4, 4 and 2: 3.25 s
+    ],
+)
+def test_a_rate_limit_holds_within_5_percent_at_concurrency_8_measured_in_the_endpoint(
+    tmp_path: Path, key: str, per_minute: int, batch_size: int, checkpoint_rows: int, rows: int
+) -> None:
+    """Eight workers and answers taking 0.25 s, so several requests are in flight: the arrival rate
+    over the run is the limit within 5%, with no burst (no two requests closer than half a turn)."""
+    data = prompt_rows(rows)
+    write_csv(tmp_path / "input.csv", data)
+    with LiveEndpoint(ServerOptions(latency_s=0.25)) as ep:
+        job = write_job(
+            tmp_path, ep.url,
+            run={"batch_size": batch_size, "concurrency": 8, "checkpoint_rows": checkpoint_rows, key: per_minute},
+        )
+        summary = run_job(job)
+    weight = "requests" if key == "requests_per_minute" else "prompts"
+    limit = per_minute / 60
+    rate = steady_rate(ep.log.arrivals, weight)
+    ordered = sorted(ep.log.arrivals, key=lambda a: a.at)
+    gaps = [b.at - a.at for a, b in zip(ordered, ordered[1:])]
+    print(
+        f"{key} = {per_minute}: measured {rate:.3f} {weight}/s against {limit:.3f} "
+        f"({100 * (rate / limit - 1):+.2f}%), {len(ordered)} requests, smallest gap {min(gaps):.3f}s, "
+        f"max in flight {ep.log.max_in_flight}, throttled {summary.throttle_wait_s:.1f}s"
+    )
+    assert abs(rate / limit - 1) <= 0.05
+    smallest_turn = (1 if weight == "requests" else min(a.prompts for a in ordered)) / limit
+    assert min(gaps) >= smallest_turn / 2, "requests were sent in a burst"
+    assert ep.log.max_in_flight >= 2, "the limit was not tested against concurrency"
+    assert summary.throttle_wait_s > 0
+    assert_exact(output_of(tmp_path), data)
+
+
+# --- 9. safety -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_307_redirect_is_not_followed_the_target_gets_nothing_and_the_cli_exits_4(tmp_path: Path) -> None:
+    rows = prompt_rows(40)
+    write_csv(tmp_path / "input.csv", rows)
+    canary = f"sk-canary-{uuid.uuid4().hex}"
+    with LiveEndpoint() as target, LiveEndpoint(rule=lambda n, p: "redirect", redirect_to=target.url) as redirector:
+        job = write_job(tmp_path, redirector.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 2})
+        result = cli(job, cwd=tmp_path, env={KEY_ENV: canary})
+        assert result.returncode == 4, result.stderr
+        assert "redirected (HTTP 307)" in result.stderr and "redirects are not followed" in result.stderr
+        assert target.log.requests == 0, "the redirect was followed"
+        assert 1 <= redirector.log.requests <= 2
+    assert canary not in result.stdout + result.stderr
+    assert not output_of(tmp_path).exists()
+    errors = committed_results(state_dir(tmp_path)).column("error")
+    assert errors.null_count == len(errors)
+
+
+def files_holding(root: Path, secret: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.timeout(60)
+def test_the_api_key_is_sent_as_bearer_and_is_in_no_file_log_line_or_message(tmp_path: Path) -> None:
+    """A canary key, through a refused run (401, with --debug) and a run with faults, failed rows
+    and retries: every request carried ``Authorization: Bearer <key>``; nothing the runs wrote
+    under tmp_path nor printed holds the key."""
+    rows = prompt_rows(120)
+    poison = poisoned(rows, [7])
+    write_csv(tmp_path / "input.csv", rows)
+    canary = f"sk-canary-{uuid.uuid4().hex}"
+    kinds = ["500", "invalid_json", "reset", "drop", "429", "hang"]
+    with LiveEndpoint(api_keys={"another-key"}, rule=shared_faults(0.3, kinds, seed=5, always_reject=poison)) as ep:
+        job = write_job(
+            tmp_path, ep.url, endpoint={"api_key_env": KEY_ENV, "timeout_s": 0.3},
+            run={"concurrency": 4, "max_retries": 8, "checkpoint_rows": 16},
+        )
+        refused = cli(job, "--debug", cwd=tmp_path, env={KEY_ENV: canary})
+        assert refused.returncode == 4, refused.stderr
+        ep.api_keys = {canary}
+        first = ep.log.requests
+        done = cli(job, "--debug", cwd=tmp_path, env={KEY_ENV: canary})
+        assert done.returncode == 3, done.stderr
+        assert ep.log.requests > first and set(ep.log.faults) - {"401", "400"}, "no fault was injected"
+        assert {a.headers.get("Authorization") for a in ep.log.arrivals} == {f"Bearer {canary}"}
+    printed = refused.stdout + refused.stderr + done.stdout + done.stderr
+    assert canary not in printed
+    assert files_holding(tmp_path, canary) == []
+    assert len(list(tmp_path.rglob("*.parquet"))) > 1  # the search did cover checkpoint files
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["401echo", "500echo"])
+def test_an_endpoint_quoting_the_key_in_its_error_body_does_not_leak_it_into_messages_or_output(
+    tmp_path: Path, kind: str
+) -> None:
+    """Some servers answer "invalid credentials: Bearer <key>". batchrun quotes error bodies in
+    its messages and in failed rows' ``error``, so it must keep the key out of what it quotes."""
+    rows = prompt_rows(12)
+    write_csv(tmp_path / "input.csv", rows)
+    leaky = rows[5]["prompt"]
+    canary = f"sk-canary-{uuid.uuid4().hex}"
+    with LiveEndpoint(rule=lambda n, p: kind if leaky in p else None) as ep:
+        job = write_job(
+            tmp_path, ep.url, endpoint={"api_key_env": KEY_ENV}, run={"batch_size": 1, "concurrency": 1, "max_retries": 1}
+        )
+        result = cli(job, cwd=tmp_path, env={KEY_ENV: canary})
+        assert ep.log.faults.get(kind, 0) >= 1
+    assert result.returncode == (4 if kind == "401echo" else 3), result.stderr
+    assert canary not in result.stdout + result.stderr, "the key was printed"
+    assert files_holding(tmp_path, canary) == [], "the key was written to disk"
+
+
+@pytest.mark.timeout(60)
+def test_tls_verification_stays_on_a_self_signed_endpoint_gets_no_request_until_trusted(tmp_path: Path) -> None:
+    """https to an endpoint with a self-signed certificate: no request reaches it and the CLI
+    stops with exit 4 naming the certificate; trusting the certificate (SSL_CERT_FILE) makes the
+    same job complete, so the refusal was verification and nothing else."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    rows = prompt_rows(20)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(ssl_context=context) as ep:
+        assert ep.url.startswith("https://")
+        job = write_job(tmp_path, ep.url, run={"concurrency": 2, "max_retries": 1, "outage_after_failures": 3})
+        refused = cli(job, cwd=tmp_path)
+        assert refused.returncode == 4, refused.stderr
+        assert "certificate verify failed" in refused.stderr
+        assert ep.log.requests == 0
+        trusted = cli(job, cwd=tmp_path, env={"SSL_CERT_FILE": str(cert)})
+        assert trusted.returncode == 0, trusted.stderr
+        assert ep.log.requests > 0
+    assert_exact(output_of(tmp_path), rows)
+
+
+# --- 10. accounting --------------------------------------------------------------------------------
+
+
+def test_the_summary_accounting_matches_the_counts_taken_inside_the_endpoint(tmp_path: Path) -> None:
+    """Requests, prompts sent and resent, retries by cause (one per injected fault, under its
+    class), rows failed by class, and time spent throttled under a rate limit."""
+    rows = prompt_rows(200)
+    poison = poisoned(rows, [50])
+    write_csv(tmp_path / "input.csv", rows)
+    kinds = ["500", "drop", "429", "reset", "invalid_json", "503"]
+    with LiveEndpoint(rule=shared_faults(0.25, kinds, seed=7, always_reject=poison)) as ep:
+        job = write_job(
+            tmp_path, ep.url,
+            run={"batch_size": 4, "concurrency": 4, "max_retries": 10, "requests_per_minute": 3000},
+        )
+        summary = run_job(job)
+    received = ep.log.prompts_received
+    injected = {k: n for k, n in ep.log.faults.items() if k != "400"}
+    print(summary.line())
+    print(f"endpoint: {ep.log.requests} requests, {len(received)} prompts, faults {ep.log.faults}")
+    assert set(injected) == set(kinds)
+    assert summary.requests == ep.log.requests
+    assert summary.prompts_sent == len(received)
+    assert summary.prompts_resent == len(received) - len(set(received)) > 0
+    expected_retries: Counter[str] = Counter()
+    for kind, n in injected.items():
+        expected_retries[CAUSE[kind]] += n
+    assert summary.retries_by_cause == dict(expected_retries)
+    assert (summary.failed, summary.failed_by_class, summary.succeeded) == (1, {"rejected": 1}, 199)
+    assert summary.rows_answered_this_run == 199
+    assert summary.throttle_wait_s > 0
+    assert f"in {summary.requests} requests ({sum(expected_retries.values())} retries: " in summary.line()
+    assert f"{summary.prompts_resent} prompts resent" in summary.line()
+
+
+# --- 11. the issue's "done when" -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_5000_rows_with_a_quarter_of_requests_faulted_every_kind_and_5_poison_prompts_end_exact(
+    tmp_path: Path,
+) -> None:
+    """Batch 16, concurrency 8, about 25% of requests faulted, every kind taking turns, five
+    prompts always rejected: every other row exact, exactly the poison rows failed, and the
+    endpoint never saw more than 16 prompts in a request nor more than 8 requests at once."""
+    rows = prompt_rows(5000)
+    positions = [3, 1111, 2500, 3999, 4999]
+    poison = poisoned(rows, positions)
+    write_csv(tmp_path / "input.csv", rows)
+    kinds = [k for k in FAULT_KINDS]
+    rule = shared_faults(0.25, kinds, seed=2024, always_reject=poison)
+    # Answers take 30 ms, so all eight workers are busy at once and the limit is really tested.
+    with LiveEndpoint(ServerOptions(latency_s=0.03), rule=rule, huge_bytes=256 * 1024) as ep:
+        job = write_job(
+            tmp_path, ep.url,
+            endpoint={"timeout_s": 0.5, "max_response_mb": 0.05},
+            run={"batch_size": 16, "concurrency": 8, "max_retries": 12, "retry_after_max_s": 0.3,
+                 "checkpoint_rows": 512},
+        )
+        started = time.monotonic()
+        summary = run_job(job)
+        wall = time.monotonic() - started
+    log = ep.log
+    random_faults = sum(n for k, n in log.faults.items() if k != "400")
+    print(
+        f"\nmixed run: {wall:.1f}s wall, {log.requests} requests ({summary.requests} by batchrun), "
+        f"{random_faults} faulted ({random_faults / log.requests:.0%}) + {log.faults.get('400', 0)} poison rejections, "
+        f"{len(log.prompts_received)} prompts sent, {summary.prompts_resent} resent, "
+        f"max batch {log.max_batch}, max in flight {log.max_in_flight}"
+    )
+    print(f"faults by kind: {dict(sorted(log.faults.items()))}")
+    print(f"retries by cause: {dict(sorted(summary.retries_by_cause.items()))}")
+    print(summary.line())
+    assert set(log.faults) == set(kinds) | {"400"}, "a fault kind was never injected"
+    assert 0.2 <= random_faults / log.requests <= 0.3
+    assert log.max_batch == 16
+    assert log.max_in_flight == 8
+    assert summary.requests == log.requests and summary.prompts_sent == len(log.prompts_received)
+    assert summary.prompts_resent == len(log.prompts_received) - len(rows)
+    expected_retries: Counter[str] = Counter()
+    for kind, n in log.faults.items():
+        if kind not in ("400", "reorder"):  # a rejection splits, a reordered answer is matched
+            expected_retries[CAUSE[kind]] += n
+    assert summary.retries_by_cause == dict(expected_retries)
+    assert (summary.status, summary.exit_code) == ("complete_with_failed_rows", 3)
+    assert (summary.failed, summary.failed_by_class) == (5, {"rejected": 5})
+    df = pl.read_parquet(output_of(tmp_path))
+    assert df["id"].to_list() == [r["id"] for r in rows]
+    assert df["prompt"].to_list() == [r["prompt"] for r in rows]
+    assert only_failed(df)["id"].to_list() == [rows[i]["id"] for i in positions]
+    assert all(e.startswith("rejected: HTTP 400") for e in only_failed(df)["error"].to_list())
+    wrong = [
+        r["id"] for r, got in zip(rows, df["output"].to_list())
+        if r["prompt"] not in poison and got != expected_output(r["prompt"])
+    ]
+    assert wrong == [], f"{len(wrong)} rows carry a wrong output"
