@@ -307,7 +307,8 @@ class RunState:
             (self.segments_dir, ".*.tmp-*"),
             (self.partial_dir, ".*.tmp-*"),
             (self.root, ".incoming.parquet"),
-            (output.parent, f".{output.name}.tmp-*"),
+            # the output, and the summaries and success marker beside it
+            (output.parent, f".{output.name}*.tmp-*"),
         ):
             if d.exists():
                 for f in d.glob(pattern):

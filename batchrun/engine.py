@@ -39,6 +39,47 @@ class Progress:
     elapsed_s: float
 
 
+class StopSignals:
+    """SIGINT and SIGTERM for a whole run, installed once by the runner (CLI runs only).
+
+    While the engine runs, the first signal asks it to stop taking work and give requests in
+    flight ``grace_s`` to land and be saved. Outside it (planning, waiting for a lock, writing the
+    output) nothing is in flight: the first signal raises ``InterruptedRun`` where the run stands,
+    which is safe because every file is published atomically. A second signal exits at once.
+    """
+
+    def __init__(self) -> None:
+        self.fired: str | None = None
+        self._target: tuple[asyncio.AbstractEventLoop, Callable[[str], None]] | None = None
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, stop: Callable[[str], None]) -> None:
+        self._target = (loop, stop)
+
+    def detach(self) -> None:
+        self._target = None
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.fired is not None:
+            # Every file is published atomically, so leaving now is safe; in-flight work is
+            # simply redone by the next run.
+            os.write(2, b"batchrun: second signal: exiting now; run the same command to resume\n")
+            os._exit(130)
+        self.fired = name
+        if self._target is None:
+            raise InterruptedRun(name)
+        loop, stop = self._target
+        loop.call_soon_threadsafe(stop, name)
+
+
 @dataclass
 class _Batch:
     segment: Segment
@@ -141,9 +182,20 @@ class Engine:
         self.accounting = Accounting()
 
     # -- orchestration --------------------------------------------------------------------------
-    async def run(self, handle_signals: bool) -> None:
-        if handle_signals:
-            self._install_signals()
+    async def run(self, signals: StopSignals | None = None) -> None:
+        if signals is not None:
+            signals.attach(asyncio.get_running_loop(), self.request_stop)
+        try:
+            await self._run()
+        finally:
+            if signals is not None:
+                signals.detach()
+
+    def request_stop(self, signal_name: str) -> None:
+        self._signal_name = signal_name
+        self.stop.set()
+
+    async def _run(self) -> None:
         server_runner = None
         url = self.spec.api_base
         try:
@@ -341,21 +393,6 @@ class Engine:
 
     # -- signals and progress -------------------------------------------------------------------
     _signal_name = "signal"
-
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_signal(sig: signal.Signals) -> None:
-            if self.stop.is_set():
-                # Every file is published atomically, so leaving now is safe; in-flight work is
-                # simply redone by the next run.
-                os.write(2, b"batchrun: second signal: exiting now; run the same command to resume\n")
-                os._exit(130)
-            self._signal_name = sig.name
-            self.stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
 
     def _report(self) -> None:
         if self.on_progress is not None:

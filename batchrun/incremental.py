@@ -11,6 +11,7 @@ it is itself one of the inputs of the next join, so a crash at any step only rep
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -24,9 +25,34 @@ if TYPE_CHECKING:
     from .config import JobSpec
 
 
-def carry_forward(spec: JobSpec, state: RunState) -> dict[str, int]:
-    """Write ``carry.parquet`` for the new input, drop the old progress, return the counts."""
+def carry_forward(spec: JobSpec, state: RunState, input_identity: object) -> dict[str, int]:
+    """Write ``carry.parquet`` for the new input, drop the old progress, return the counts.
+
+    The carry file records the input it was made for and its counts: a run that crashed after
+    publishing it but before pinning the new plan picks it up as it is, instead of joining again
+    against a carry that no longer holds the changed rows (and so miscounting them as new).
+    """
     assert spec.id_column is not None
+    made_for = json.dumps(input_identity, sort_keys=True)
+    counts = _carry_counts(state, made_for)
+    if counts is None:
+        counts = _join_previous(spec, state, made_for)
+    state.drop_progress()
+    return counts
+
+
+def _carry_counts(state: RunState, made_for: str) -> dict[str, int] | None:
+    """The counts of a carry file already made for this very input, if there is one."""
+    try:
+        meta = pq.read_schema(state.carry_path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    if meta.get(b"batchrun.carry_for", b"").decode() != made_for or not _readable(state.carry_path):
+        return None
+    return json.loads(meta[b"batchrun.carry_counts"])
+
+
+def _join_previous(spec: JobSpec, state: RunState, made_for: str) -> dict[str, int]:
     incoming = state.root / ".incoming.parquet"
     rows = _write_incoming(spec, incoming)
     previous = [f for f in _previous_files(state) if _readable(f)]
@@ -54,11 +80,14 @@ def carry_forward(spec: JobSpec, state: RunState) -> dict[str, int]:
     else:
         matched = 0
         carried = RESULT_SCHEMA.empty_table()
+    counts = {"reused": carried.num_rows, "changed": matched - carried.num_rows, "new": rows - matched}
+    carried = carried.replace_schema_metadata(
+        {"batchrun.carry_for": made_for, "batchrun.carry_counts": json.dumps(counts)}
+    )
     with atomic_path(state.carry_path, "carry") as tmp:
         pq.write_table(carried, tmp, compression="zstd", write_page_checksum=True, row_group_size=16384)
     incoming.unlink(missing_ok=True)
-    state.drop_progress()
-    return {"reused": carried.num_rows, "changed": matched - carried.num_rows, "new": rows - matched}
+    return counts
 
 
 def _write_incoming(spec: JobSpec, path) -> int:

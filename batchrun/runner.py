@@ -9,6 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from . import source
 from .checkpoint import DamagedStateError, RunState, SegmentInfo, crashpoint, write_json_atomic
 from .config import JobSpec, load_job
-from .engine import Engine, Progress
+from .engine import Engine, Progress, StopSignals
 from .errors import (
     AuthError,
     BatchrunError,
@@ -153,11 +154,16 @@ def run_job(
     )
     started = time.monotonic()
     try:
-        with state.lock(f"lock.{part.slug}" if part else "lock"):
-            _run_locked(spec, state, summary, part, restart, api_key, on_progress, handle_signals, started)
+        with StopSignals() if handle_signals else nullcontext() as signals, state.lock(
+            f"lock.{part.slug}" if part else "lock"
+        ):
+            _run_locked(spec, state, summary, part, restart, api_key, on_progress, signals, started)
     except BusyError:
         raise
     except BatchrunError as exc:
+        # A scheduler reading the summary of a run that stopped early sees the job's counts as
+        # `status` reports them, as it does after a complete run.
+        _set_counts(summary, _saved_counts(state, part))
         summary.status = _failure_status(exc)
         summary.exit_code = exc.exit_code
         summary.message = str(exc)
@@ -166,6 +172,23 @@ def run_job(
         raise
     _close_summary(summary, started, spec, part)
     return summary
+
+
+def _run_engine(engine: Engine, signals: StopSignals | None) -> None:
+    asyncio.run(engine.run(signals))
+    if signals is not None and signals.fired:
+        # A signal that came as the engine was finishing found nothing left to stop: honour it.
+        raise InterruptedRun(signals.fired)
+
+
+def _saved_counts(state: RunState, part: Shard | None) -> dict[str, Any]:
+    """The job's (or shard's) counts from the committed segments, read without changing anything."""
+    plan = state.read_plan()
+    if plan is None:
+        return _counts({})
+    sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
+    infos = state.scan_segments(sizes, remove_damaged=False)
+    return _counts({k: i for k, i in infos.items() if part is None or part.owns(k)})
 
 
 def merge_job(job: JobSpec | str | Path) -> RunSummary:
@@ -186,8 +209,7 @@ def merge_job(job: JobSpec | str | Path) -> RunSummary:
     _refuse_unfinished(state, sizes, infos)
     with state.lock("merge.lock"):
         if _output_current(spec, state):
-            summary.status = "nothing_to_do"
-            _set_counts(summary, _counts(infos))
+            _already_done(spec, state, summary, infos)
         else:
             _finish(spec, state, plan, summary, sizes)
     _close_summary(summary, started, spec, None)
@@ -235,7 +257,7 @@ def _run_locked(
     restart: bool,
     api_key: str | None,
     on_progress: Callable[[Progress], None] | None,
-    handle_signals: bool,
+    signals: StopSignals | None,
     started: float,
 ) -> None:
     with state.lock("plan.lock", wait=True):
@@ -258,7 +280,7 @@ def _run_locked(
             _success_path(spec).unlink(missing_ok=True)
             engine = Engine(spec, state, plan, infos, todo, api_key, on_progress, started)
             try:
-                asyncio.run(engine.run(handle_signals))
+                _run_engine(engine, signals)
             finally:
                 _account(summary, engine)
             infos = state.scan_segments(sizes)
@@ -266,8 +288,7 @@ def _run_locked(
             if lost:
                 raise StateError(f"segments {lost[:5]} were not committed; run again to resume")
         elif _output_current(spec, state):
-            summary.status = "nothing_to_do"
-            _set_counts(summary, _counts(infos))
+            _already_done(spec, state, summary, infos)
             return
         if len(infos) < len(sizes):
             # This shard is done; others are not. Whoever finishes last writes the output.
@@ -278,8 +299,7 @@ def _run_locked(
         try:
             with state.lock("merge.lock", wait=part is None):
                 if _output_current(spec, state):
-                    summary.status = "nothing_to_do"
-                    _set_counts(summary, _counts(infos))
+                    _already_done(spec, state, summary, infos)
                     return
                 _finish(spec, state, plan, summary, sizes)
         except DamagedStateError as exc:
@@ -305,13 +325,27 @@ def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSu
     counts = {"succeeded": stats.succeeded, "failed": stats.failed, "failed_by_class": dict(stats.failed_by_class)}
     _set_counts(summary, counts)
     summary.status = "complete" if not stats.failed else "complete_with_failed_rows"
-    state.write_finished({"output": output_identity(spec.output_path), "rows": stats.rows, **counts})
+    finished = {"output": output_identity(spec.output_path), "rows": stats.rows, **counts}
+    state.write_finished(finished)
     crashpoint("finished:marked")
+    _write_success(spec, finished)
+
+
+def _write_success(spec: JobSpec, finished: dict[str, Any]) -> None:
+    counts = {k: finished[k] for k in ("rows", "succeeded", "failed", "failed_by_class")}
     write_json_atomic(
-        _success_path(spec),
-        {"output": str(spec.output_path), "rows": stats.rows, **counts, "written_at": _now()},
-        "success",
+        _success_path(spec), {"output": str(spec.output_path), **counts, "written_at": _now()}, "success"
     )
+
+
+def _already_done(spec: JobSpec, state: RunState, summary: RunSummary, infos: dict[int, SegmentInfo]) -> None:
+    """The output is written and current: report so, and put back a success marker a crash (or a
+    hand) removed between the output's publication and the marker's."""
+    summary.status = "nothing_to_do"
+    _set_counts(summary, _counts(infos))
+    finished = state.read_finished()
+    if finished is not None and not _success_path(spec).exists():
+        _write_success(spec, finished)
 
 
 def _output_current(spec: JobSpec, state: RunState) -> bool:
@@ -469,7 +503,7 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
     if rows == 0:
         raise JobError(f"{spec.job_path}: input.path: the input has no rows")
     if plan is not None:
-        incremental = carry_forward(spec, state)
+        incremental = carry_forward(spec, state, _input_identity(fingerprint))
         log.info(
             "input changed: %d rows reused, %d changed, %d new",
             incremental["reused"], incremental["changed"], incremental["new"],

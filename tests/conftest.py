@@ -100,3 +100,84 @@ def assert_exact(output: Path, rows: list[dict[str, Any]], params: dict[str, Any
         assert got["error"] is None, got
         assert got["output"] == expected_output(r["prompt"], params), got
     return df
+
+
+# --- crash tests: what is on disk, and how exact an output is ----------------------------------
+
+BATCHRUN = Path(sys.executable).with_name("batchrun")
+# Scratch files a run writes in place under a dot name and clears when it starts; never read as truth.
+SCRATCH_NAMES = frozenset({".incoming.parquet"})
+
+
+def run_dir(folder: Path) -> Path:
+    """The run directory of a job written by ``write_job`` with its default output path."""
+    return folder / "out" / "result.parquet.batchrun"
+
+
+def final_files(folder: Path) -> list[Path]:
+    """Files under ``folder`` under a final name: neither a ``.tmp-`` file nor known scratch."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and ".tmp-" not in p.name and p.name not in SCRATCH_NAMES
+    )
+
+
+def assert_final_files_readable(folder: Path) -> int:
+    """Every file under a final name reads back whole (Parquet with its page checksums, JSON as an
+    object, journal lines as row numbers); returns how many files were checked."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    files = final_files(folder)
+    for f in files:
+        try:
+            if f.suffix == ".parquet":
+                pq.read_table(f, page_checksum_verification=True)
+            elif f.suffix == ".json" or f.name.endswith(".SUCCESS"):
+                assert isinstance(json.loads(f.read_text(encoding="utf-8")), dict), "not a JSON object"
+            elif f.suffix == ".sent":
+                for line in f.read_text(encoding="ascii").splitlines():
+                    [int(x) for x in line.split()]
+            elif f.name.startswith("lock") or f.name.endswith(".lock"):
+                f.read_bytes()  # informational text beside a flock; any content is valid
+            else:
+                raise AssertionError("a file the crash tests do not know how to check")
+        except Exception as exc:
+            raise AssertionError(f"{f.relative_to(folder)} is not readable under its final name: {exc!r}") from None
+    return len(files)
+
+
+def tally(output: Path, rows: list[dict[str, Any]], expected: Any = None) -> dict[str, int]:
+    """Count the rows of ``output`` that are lost, duplicated or misplaced against ``rows``.
+
+    Misplaced: an output row out of input order, for no input row, failed, or holding an output
+    that is not its own prompt's. ``expected(row)`` gives a row's right output (default: the
+    reference model with the default params).
+    """
+    from collections import Counter
+
+    expect = expected or (lambda r: expected_output(r["prompt"]))
+    df = pl.read_parquet(output)
+    got = df.select("id", "prompt", "output", "error").to_dicts()
+    by_id = {r["id"]: (i, r) for i, r in enumerate(rows)}
+    counts = Counter(g["id"] for g in got)
+    seen: set[str] = set()
+    misplaced = 0
+    last = -1  # input position of the latest row in order, so one lost row does not shift the rest
+    for g in got:
+        if g["id"] in seen:
+            continue  # counted as duplicated
+        seen.add(g["id"])
+        if g["id"] not in by_id:
+            misplaced += 1
+            continue
+        i, r = by_id[g["id"]]
+        if i < last or g["prompt"] != r["prompt"] or g["error"] is not None or g["output"] != expect(r):
+            misplaced += 1
+        else:
+            last = i
+    return {
+        "lost": sum(1 for r in rows if r["id"] not in counts),
+        "duplicated": sum(c - 1 for c in counts.values()),
+        "misplaced": misplaced,
+    }
