@@ -191,11 +191,16 @@ def _validate(job: Path) -> None:
               help="Delay added to every request.")
 @click.option("--per-prompt-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Extra delay per prompt in a request.")
-def serve(host: str, port: int, latency_ms: float, per_prompt_ms: float) -> None:
+@click.option("--tally-prompts", is_flag=True,
+              help="Count every distinct prompt seen (GET /stats); memory grows with them.")
+def serve(host: str, port: int, latency_ms: float, per_prompt_ms: float, tally_prompts: bool) -> None:
     """Run the reference endpoint (a deterministic toy model in the custom-endpoint format)."""
     from .server import ServerOptions, serve_forever
 
-    serve_forever(host, port, ServerOptions(latency_s=latency_ms / 1000, per_prompt_s=per_prompt_ms / 1000))
+    serve_forever(
+        host, port,
+        ServerOptions(latency_s=latency_ms / 1000, per_prompt_s=per_prompt_ms / 1000, tally_prompts=tally_prompts),
+    )
 
 
 class _JsonFormatter(logging.Formatter):

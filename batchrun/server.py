@@ -86,6 +86,10 @@ class ServerOptions:
     max_body_bytes: int = 64 * 1024 * 1024
     # Tests set this to pin requests in flight (counted, not yet answered) until they release it.
     hold: asyncio.Event | None = None
+    # Keep a tally of every prompt text seen (GET /stats: distinct, seen more than once). It grows
+    # with every distinct prompt, so it is off unless asked for (`batchrun serve --tally-prompts`):
+    # a server answering tens of millions of prompts must not hold them all.
+    tally_prompts: bool = False
 
 
 @dataclass
@@ -99,7 +103,7 @@ class ServerStats:
     max_in_flight: int = 0
     max_batch: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
-    prompts_seen: Counter[str] = field(default_factory=Counter)  # proves rows are not resent
+    prompts_seen: Counter[str] = field(default_factory=Counter)  # with tally_prompts: proves no resends
 
     def reset(self) -> None:
         """Forget everything, keeping the same object (the app holds a reference to it)."""
@@ -178,7 +182,8 @@ async def _infer(request: web.Request) -> web.Response:
     stats.prompts += len(prompts)
     stats.batch_sizes[len(prompts)] += 1
     stats.max_batch = max(stats.max_batch, len(prompts))
-    stats.prompts_seen.update(prompts)
+    if options.tally_prompts:
+        stats.prompts_seen.update(prompts)
     stats.in_flight += 1
     stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
     try:

@@ -278,7 +278,7 @@ def test_stats_count_requests_prompts_and_batch_sizes() -> None:
         stats.reset()
         assert stats == ServerStats() and app[STATS] is stats
 
-    run(body)
+    run(body, ServerOptions(tally_prompts=True))
 
 
 def test_health() -> None:
@@ -335,7 +335,7 @@ def test_a_client_that_gives_up_leaves_no_request_in_flight() -> None:
         await until(lambda: stats.in_flight == 0)
         assert stats.prompts_seen == {"slow": 1}
 
-    run(body, ServerOptions(hold=asyncio.Event()))
+    run(body, ServerOptions(hold=asyncio.Event(), tally_prompts=True))
 
 
 def test_start_server_returns_the_real_url_and_app() -> None:
@@ -402,7 +402,7 @@ def server_in_thread(options: ServerOptions | None = None) -> Iterator[tuple[str
 def test_litellm_custom_provider_gets_the_toy_output(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the price list at import
     litellm = pytest.importorskip("litellm")
-    with server_in_thread() as (url, app):
+    with server_in_thread(ServerOptions(tally_prompts=True)) as (url, app):
         resp = litellm.completion(
             model=f"custom/{MODEL}",
             api_base=url,
