@@ -204,6 +204,7 @@ class RunState:
         self.finished_path = root / "finished.json"
         self.lock_path = root / "lock"
         self.carry_path = root / "carry.parquet"
+        self._journal_fds: dict[int, int] = {}  # open journals of segments being worked on
 
     # -- set-up ---------------------------------------------------------------------------------
     def ensure_dirs(self) -> None:
@@ -421,9 +422,15 @@ class RunState:
         return self.journal_dir / f"seg-{k:08d}.sent"
 
     def journal_sent(self, k: int, rows: list[int]) -> None:
+        """Append one batch's rows to segment ``k``'s journal (one write on a kept descriptor:
+        this runs once a batch on the event loop)."""
+        line = (" ".join(map(str, rows)) + "\n").encode("ascii")
         try:
-            with open(self._journal_path(k), "a", encoding="ascii") as fh:
-                fh.write(" ".join(map(str, rows)) + "\n")
+            fd = self._journal_fds.get(k)
+            if fd is None:
+                fd = os.open(self._journal_path(k), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                self._journal_fds[k] = fd
+            os.write(fd, line)
         except OSError as exc:
             if exc.errno in _STORAGE_ERRNOS:
                 raise _storage_error(exc, self._journal_path(k)) from None
@@ -435,17 +442,25 @@ class RunState:
         except FileNotFoundError:
             return set()
         rows: set[int] = set()
-        for line in text.splitlines():
-            if line.endswith(" ") or not line:
-                continue
+        # Only whole lines count: a line torn by a crash or a full disk is left out, so the
+        # count of prompts sent twice can come out low, never high.
+        for line in text.split("\n")[:-1]:
             try:
                 rows.update(int(x) for x in line.split())
             except ValueError:
-                continue  # a line torn by a crash: fewer rows counted, never more
+                continue
         return rows
 
     def drop_journal(self, k: int) -> None:
+        fd = self._journal_fds.pop(k, None)
+        if fd is not None:
+            os.close(fd)
         self._journal_path(k).unlink(missing_ok=True)
+
+    def close_journals(self) -> None:
+        for fd in self._journal_fds.values():
+            os.close(fd)
+        self._journal_fds.clear()
 
     # -- finish ---------------------------------------------------------------------------------
     def read_finished(self) -> dict[str, Any] | None:

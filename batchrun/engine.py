@@ -188,6 +188,7 @@ class Engine:
         try:
             await self._run()
         finally:
+            self.state.close_journals()
             if signals is not None:
                 signals.detach()
 
