@@ -359,6 +359,36 @@ def test_duplicate_ids_are_refused_naming_them_before_anything_is_sent(tmp_path:
     assert not (tmp_path / "out" / "result.parquet").exists()
 
 
+@pytest.mark.parametrize("duplicated", [True, False])
+def test_the_id_check_spilled_to_disk_for_a_big_input_finds_duplicates_across_files_and_cleans_up(
+    tmp_path: Path, endpoint: LiveEndpoint, monkeypatch: pytest.MonkeyPatch, duplicated: bool
+) -> None:
+    """Past ``_IDS_IN_MEMORY`` ids the digests go to temporary partition files: a duplicate in
+    the first and the last of three files is still found, unique ids still pass, and the
+    temporary files are gone either way."""
+    from batchrun import source
+
+    monkeypatch.setattr(source, "_IDS_IN_MEMORY", 500)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    rows = prompt_rows(3000)
+    if duplicated:
+        rows[2999]["id"] = rows[17]["id"]
+    (tmp_path / "in").mkdir()
+    for part in range(3):
+        write_csv(tmp_path / "in" / f"part-{part}.csv", rows[part * 1000 : (part + 1) * 1000])
+    job = write_job(tmp_path, endpoint.url, input_path="in/*.csv", run={"batch_size": 64, "concurrency": 4})
+    if duplicated:
+        with pytest.raises(JobError, match="must be unique; duplicated: 'r000017'$"):
+            run_job(job)
+        assert endpoint.log.requests == 0
+    else:
+        assert run_job(job).exit_code == 0
+        assert_exact(tmp_path / "out" / "result.parquet", rows)
+    assert list(scratch.iterdir()) == []
+
+
 def test_a_template_sends_the_rendered_text_and_each_row_gets_its_output(tmp_path: Path, endpoint: LiveEndpoint) -> None:
     rows = prompt_rows(30)
     write_csv(tmp_path / "input.csv", rows)
