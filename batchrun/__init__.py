@@ -1,11 +1,37 @@
 """batchrun: run prompt datasets through a multi-prompt LLM endpoint into Parquet, exactly once."""
 
-from .config import JobSpec, load_job
-from .errors import BatchrunError
-from .engine import Progress
-from .runner import RunSummary, Shard, job_status, merge_job, run_job
+from __future__ import annotations
 
-__all__ = [
-    "BatchrunError", "JobSpec", "Progress", "RunSummary", "Shard",
-    "job_status", "load_job", "merge_job", "run_job",
-]
+from typing import TYPE_CHECKING, Any
+
+# Names are imported on first use (PEP 562), so that `import batchrun.cli` does not import
+# pyarrow before the CLI has chosen Arrow's allocator (batchrun.memory).
+_EXPORTS = {
+    "BatchrunError": "errors",
+    "JobSpec": "config",
+    "load_job": "config",
+    "Progress": "engine",
+    "RunSummary": "runner",
+    "Shard": "runner",
+    "job_status": "runner",
+    "merge_job": "runner",
+    "run_job": "runner",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import JobSpec, load_job
+    from .engine import Progress
+    from .errors import BatchrunError
+    from .runner import RunSummary, Shard, job_status, merge_job, run_job
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchrun' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

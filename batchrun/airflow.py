@@ -24,6 +24,7 @@ except ImportError:  # Airflow 2
 from airflow.exceptions import AirflowException
 
 from .errors import BatchrunError
+from .memory import use_lean_memory_pool
 from .runner import merge_job, run_job
 
 
@@ -50,6 +51,7 @@ class BatchrunOperator(BaseOperator):
         self.fail_on_failed_rows = fail_on_failed_rows
 
     def execute(self, context: Any) -> dict[str, Any]:
+        use_lean_memory_pool()  # the task's process is ours for the run
         try:
             summary = merge_job(self.job) if self.merge else run_job(self.job, shard=self.shard or None)
         except BatchrunError as exc:

@@ -13,6 +13,10 @@ from pathlib import Path
 import click
 
 from .errors import BatchrunError, JobError
+from .memory import use_lean_memory_pool
+
+# Before anything imports pyarrow (the package's own imports are lazy for this reason).
+use_lean_memory_pool()
 
 log = logging.getLogger("batchrun")
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 # A CSV row longer than one block cannot be parsed; 16 MiB bounds memory while allowing huge fields.
 CSV_BLOCK_BYTES = 16 << 20
+PARQUET_BUFFER_BYTES = 1 << 20
 # Files up to this size are hashed whole; larger ones by their head and tail (a full hash of tens
 # of GB on every resume would cost minutes; a changed row is still caught by its prompt hash).
 _FINGERPRINT_WHOLE = 64 << 20
@@ -128,7 +129,11 @@ def iter_batches(
     for f in files:
         try:
             if fmt == "parquet":
-                pf = pq.ParquetFile(f)
+                # pre_buffer (pyarrow's default) keeps every row group read until the file is
+                # closed: a 3 GB input held 2.6 GB by its end. buffer_size streams each column
+                # chunk page by page instead of reading it whole (a row group of wide rows can
+                # be gigabytes).
+                pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
                 try:
                     yield from pf.iter_batches(
                         batch_size=chunk_rows, columns=list(columns) if columns else None
