@@ -171,6 +171,17 @@ def test_missing_params_are_kept_as_none() -> None:
     assert m.answers == {0: Answer(["x"], None)}
 
 
+def test_echoed_params_are_encoded_per_item_with_their_own_json_types() -> None:
+    """Params that compare equal in Python (1, 1.0, true) but differ in JSON keep their own text."""
+    sent = ["a", "b", "c", "d", "e"]
+    echoed = [{"t": 1}, {"t": 1.0}, {"t": True}, {"t": 1.0}, {"t": [1]}]
+    body = json.dumps(
+        {"message": "ok", "data": [{"prompt": p, "output": [p], "params": e} for p, e in zip(sent, echoed)]}
+    ).encode()
+    got = match_response(body, sent)
+    assert [got.answers[i].params_json for i in range(5)] == ['{"t":1}', '{"t":1.0}', '{"t":true}', '{"t":1.0}', '{"t":[1]}']
+
+
 def test_an_empty_output_list_is_a_valid_answer() -> None:
     m = match_response(body([item("a", [])]), ["a"])
     assert m.problem is None and m.answers[0].output == []
