@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import io
 import random
 import time
 from collections import Counter
@@ -19,6 +20,8 @@ from .protocol import Answer, ResponseError, build_request, match_response
 
 # A hostile or broken endpoint must not exhaust memory: larger responses are refused.
 DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
+# Request bodies past this size are sent from a stream, in chunks, as aiohttp asks.
+_STREAM_BODY_BYTES = 1 << 20
 # Statuses worth retrying; other 4xx mean the request itself is refused.
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
 
@@ -228,7 +231,9 @@ class EndpointClient:
             )
 
     async def _attempt(self, prompts: list[str]):
-        body = build_request(self._model, prompts, self._params)
+        body: bytes | io.BytesIO = build_request(self._model, prompts, self._params)
+        if len(body) > _STREAM_BODY_BYTES:  # aiohttp writes a large bytes body in one go
+            body = io.BytesIO(body)
         self.accounting.requests += 1
         self.accounting.prompts_sent += len(prompts)
         try:

@@ -32,6 +32,7 @@ class InputSection(_Section):
     template: str | None = None
     id_column: str | None = None
     format: Literal["csv", "parquet"] | None = None
+    csv_max_row_mb: float = Field(1.0, gt=0, le=1024)
 
 
 class EndpointSection(_Section):
@@ -87,6 +88,7 @@ class JobSpec(BaseModel):
     input_pattern: str
     input_files: tuple[Path, ...]
     input_format: Literal["csv", "parquet"]
+    csv_block_bytes: int  # pyarrow's CSV block: the longest row it can parse
     columns: tuple[str, ...]
     prompt_column: str | None
     template: str | None
@@ -310,6 +312,7 @@ def _resolve(
         input_pattern=inp.path,
         input_files=files,
         input_format=fmt,
+        csv_block_bytes=int(inp.csv_max_row_mb * (1 << 20)),
         columns=columns,
         prompt_column=inp.prompt_column,
         template=inp.template,

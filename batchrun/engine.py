@@ -252,11 +252,9 @@ class Engine:
 
     async def _produce(self, queue: asyncio.Queue[_Batch | None], workers: int) -> None:
         try:
+            # A resumed run starts reading at its first unfinished segment (Parquet seeks there).
             segments = source.iter_segments(
-                self.spec.input_files,
-                self.spec.input_format,
-                self._needed_columns(),
-                self.seg_rows,
+                self.spec, self._needed_columns(), self.seg_rows, start=min(self.todo, default=0)
             )
             while True:
                 item = await asyncio.to_thread(_next_wanted, segments, self.todo)

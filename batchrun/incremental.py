@@ -96,7 +96,7 @@ def _write_incoming(spec: JobSpec, path) -> int:
     schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("prompt_hash", pa.int64())])
     row = 0
     with pq.ParquetWriter(path, schema) as writer:
-        for _, table in source.iter_segments(spec.input_files, spec.input_format, columns, 65536):
+        for _, table in source.iter_segments(spec, columns, 65536):
             n = table.num_rows
             writer.write_table(
                 pa.table(

@@ -112,7 +112,7 @@ def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: di
     with atomic_path(spec.output_path, "output") as tmp:
         writer: pq.ParquetWriter | None = None
         try:
-            for k, inp in source.iter_segments(spec.input_files, spec.input_format, None, seg_rows):
+            for k, inp in source.iter_segments(spec, None, seg_rows):
                 res = state.read_segment(k)
                 _check_alignment(spec, k, seg_rows, inp, res)
                 errors = res.column("error")

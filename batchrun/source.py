@@ -23,8 +23,6 @@ from .errors import JobError
 if TYPE_CHECKING:
     from .config import JobSpec
 
-# A CSV row longer than one block cannot be parsed; 16 MiB bounds memory while allowing huge fields.
-CSV_BLOCK_BYTES = 16 << 20
 PARQUET_BUFFER_BYTES = 1 << 20
 # Files up to this size are hashed whole; larger ones by their head and tail (a full hash of tens
 # of GB on every resume would cost minutes; a changed row is still caught by its prompt hash).
@@ -92,13 +90,13 @@ def _column_names(path: Path, fmt: str) -> list[str]:
         raise JobError(f"cannot read {path.name} as parquet: {exc}") from None
 
 
-def _open_csv(path: Path, columns: Sequence[str] | None) -> pacsv.CSVStreamingReader:
+def _open_csv(path: Path, columns: Sequence[str] | None, block_bytes: int) -> pacsv.CSVStreamingReader:
     # Every CSV column is read as text: a type guessed from the first block can turn out wrong
     # millions of rows later, and CSV carries text anyway. Nothing is lost; nothing is guessed.
     names = _csv_header(path)
     return pacsv.open_csv(
         path,
-        read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+        read_options=pacsv.ReadOptions(block_size=block_bytes),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names},
@@ -110,54 +108,98 @@ def _open_csv(path: Path, columns: Sequence[str] | None) -> pacsv.CSVStreamingRe
 
 
 def _csv_header(path: Path) -> list[str]:
+    # surrogateescape: the file is decoded ahead of the header line, and a bad byte further on
+    # is the rows' problem (reported with them when they are read), not the header's.
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             names = next(csv.reader(fh), [])
-    except UnicodeDecodeError:
-        raise JobError(f"{path.name}: the header is not UTF-8 text") from None
     except csv.Error as exc:
         raise JobError(f"{path.name}: cannot parse the CSV header: {exc}") from None
     if not names:
         raise JobError(f"{path.name} is empty: a CSV input needs a header row")
+    try:
+        "".join(names).encode("utf-8")
+    except UnicodeEncodeError:
+        raise JobError(f"{path.name}: the header is not UTF-8 text") from None
     return names
 
 
 def iter_batches(
-    files: Sequence[Path], fmt: str, columns: Sequence[str] | None, chunk_rows: int = 65536
+    spec: JobSpec, columns: Sequence[str] | None, chunk_rows: int = 65536, *, start_row: int = 0
 ) -> Iterator[pa.RecordBatch]:
-    """Stream the input's rows in order, chunk by chunk, never holding the whole input."""
-    for f in files:
+    """Stream the input's rows from ``start_row`` on, in order, chunk by chunk, never holding the
+    whole input. Parquet skips to ``start_row`` by its metadata without reading what lies before;
+    CSV has no index, so the rows before it are parsed and dropped."""
+    skip = start_row
+    for f in spec.input_files:
         try:
-            if fmt == "parquet":
-                # pre_buffer (pyarrow's default) keeps every row group read until the file is
-                # closed: a 3 GB input held 2.6 GB by its end. buffer_size streams each column
-                # chunk page by page instead of reading it whole (a row group of wide rows can
-                # be gigabytes).
-                pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
-                try:
-                    yield from pf.iter_batches(
-                        batch_size=chunk_rows, columns=list(columns) if columns else None
-                    )
-                finally:
-                    pf.close()
+            if spec.input_format == "parquet":
+                batches, skip = _parquet_batches(f, columns, chunk_rows, skip)
             else:
-                reader = _open_csv(f, columns)
-                try:
-                    yield from reader
-                finally:
-                    reader.close()
+                batches = _csv_batches(f, columns, spec.csv_block_bytes)
+            for batch in batches:
+                if skip:
+                    if batch.num_rows <= skip:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                yield batch
         except pa.ArrowInvalid as exc:
-            raise JobError(f"cannot read {f.name} as {fmt}: {exc}") from None
+            if "straddl" in str(exc):  # Arrow's word for a row that does not fit in one block
+                raise JobError(
+                    f"{f.name}: a CSV row is longer than input.csv_max_row_mb "
+                    f"({spec.csv_block_bytes / (1 << 20):g} MB); raise it for this input "
+                    "(memory use grows about 40 times as much)"
+                ) from None
+            raise JobError(f"cannot read {f.name} as {spec.input_format}: {exc}") from None
+
+
+def _parquet_batches(
+    path: Path, columns: Sequence[str] | None, chunk_rows: int, skip: int
+) -> tuple[Iterator[pa.RecordBatch], int]:
+    """Batches of one Parquet file from its first row group holding row ``skip``, and how many
+    rows of what they yield are still to skip."""
+    # pre_buffer (pyarrow's default) keeps every row group read until the file is closed: a
+    # 3 GB input held 2.6 GB by its end. buffer_size streams each column chunk page by page
+    # instead of reading it whole (a row group of wide rows can be gigabytes).
+    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+    meta = pf.metadata
+    first = 0
+    while first < meta.num_row_groups and skip >= meta.row_group(first).num_rows:
+        skip -= meta.row_group(first).num_rows
+        first += 1
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            if first < meta.num_row_groups:
+                yield from pf.iter_batches(
+                    batch_size=chunk_rows,
+                    row_groups=range(first, meta.num_row_groups),
+                    columns=list(columns) if columns else None,
+                )
+        finally:
+            pf.close()
+
+    return batches(), skip
+
+
+def _csv_batches(path: Path, columns: Sequence[str] | None, block_bytes: int) -> Iterator[pa.RecordBatch]:
+    reader = _open_csv(path, columns, block_bytes)
+    try:
+        yield from reader
+    finally:
+        reader.close()
 
 
 def iter_segments(
-    files: Sequence[Path], fmt: str, columns: Sequence[str] | None, segment_rows: int
+    spec: JobSpec, columns: Sequence[str] | None, segment_rows: int, *, start: int = 0
 ) -> Iterator[tuple[int, pa.Table]]:
-    """Yield ``(k, table)`` where table holds input rows ``[k*segment_rows, (k+1)*segment_rows)``."""
+    """Yield ``(k, table)`` for ``k >= start``, table holding input rows
+    ``[k*segment_rows, (k+1)*segment_rows)``."""
     pending: list[pa.RecordBatch] = []
     held = 0
-    k = 0
-    for batch in iter_batches(files, fmt, columns, chunk_rows=max(segment_rows, 1024)):
+    k = start
+    for batch in iter_batches(spec, columns, max(segment_rows, 1024), start_row=start * segment_rows):
         if batch.num_rows == 0:
             continue
         pending.append(batch)
@@ -248,7 +290,7 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
     cols = [spec.id_column] if spec.id_column else [spec.columns[0]]
     total = 0
     with _IdDigests() as digests:
-        for batch in iter_batches(spec.input_files, spec.input_format, cols):
+        for batch in iter_batches(spec, cols):
             total += batch.num_rows
             if spec.id_column:
                 ids = pl.from_arrow(batch.column(0)).cast(pl.String)
@@ -337,7 +379,7 @@ def _refuse_duplicate_ids(spec: JobSpec, clash: np.ndarray) -> None:
     # pass, so a collision alone never refuses a job.
     suspects = pl.Series(clash)
     seen: dict[str, int] = {}
-    for batch in iter_batches(spec.input_files, spec.input_format, [spec.id_column]):
+    for batch in iter_batches(spec, [spec.id_column]):
         ids = pl.from_arrow(batch.column(0)).cast(pl.String)
         for value in ids.filter(ids.hash(seed=0).is_in(suspects.implode())).to_list():
             seen[value] = seen.get(value, 0) + 1

@@ -391,6 +391,14 @@ def test_csv_with_a_utf8_bom_has_clean_column_names(tmp_path: Path) -> None:
     assert spec.id_column == "id"
 
 
+def test_a_header_that_is_not_utf8_is_refused_but_a_bad_byte_in_a_row_is_left_to_the_rows(tmp_path: Path) -> None:
+    (tmp_path / "input.csv").write_bytes(b"id,pr\xffompt\nr1,hello\n")
+    job = job_with(tmp_path, input={"prompt_column": "prompt", "id_column": "id"})
+    assert problems_of(job) == [f"{job}: input.path: input.csv: the header is not UTF-8 text"]
+    (tmp_path / "input.csv").write_bytes(b"id,prompt\nr1,hel\xfflo\n")
+    assert load_job(job).columns == ("id", "prompt")
+
+
 def test_output_path_must_be_parquet(folder: Path) -> None:
     job = job_with(folder, output_path="out/result.csv")
     assert problems_of(job) == [f"{job}: output.path: must end in .parquet (got 'out/result.csv')"]

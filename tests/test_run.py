@@ -516,3 +516,79 @@ def test_prompts_with_newlines_quotes_and_unicode_round_trip_exactly(tmp_path: P
     assert run_job(job).exit_code == 0
     assert set(endpoint.log.prompts_received) == set(texts)
     assert_exact(tmp_path / "out" / "result.parquet", rows)
+
+
+# --- 13. hostile input ----------------------------------------------------------------------------
+
+
+def test_a_field_longer_than_csv_max_row_mb_is_refused_naming_the_key_and_raising_it_processes_it(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    """A 3 MB prompt does not fit pyarrow's 1 MB CSV block: a clear refusal before anything is
+    sent, never a silent drop; with ``csv_max_row_mb = 4`` the same row is answered exactly."""
+    rows = prompt_rows(20)
+    rows[11]["prompt"] = "long " * (600 * 1024)
+    write_csv(tmp_path / "input.csv", rows)
+    job = write_job(tmp_path, endpoint.url)
+    with pytest.raises(JobError) as info:
+        run_job(job)
+    assert str(info.value) == (
+        "input.csv: a CSV row is longer than input.csv_max_row_mb (1 MB); raise it for this input "
+        "(memory use grows about 40 times as much)"
+    )
+    assert endpoint.log.requests == 0
+    job = write_job(tmp_path, endpoint.url, input={"csv_max_row_mb": 4})
+    assert run_job(job).exit_code == 0
+    assert_exact(tmp_path / "out" / "result.parquet", rows)
+
+
+def test_invalid_utf8_in_a_csv_row_is_refused_with_exit_2_and_no_output(tmp_path: Path, endpoint: LiveEndpoint) -> None:
+    rows = prompt_rows(30)
+    write_csv(tmp_path / "input.csv", rows)
+    raw = (tmp_path / "input.csv").read_bytes().replace(b"Prompt number 17", b"Prompt \xff\xfe 17")
+    (tmp_path / "input.csv").write_bytes(raw)
+    job = write_job(tmp_path, endpoint.url, run={"checkpoint_rows": 8})
+    with pytest.raises(JobError, match=r"^cannot read input\.csv as csv: .*UTF8") as info:
+        run_job(job)
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "out" / "result.parquet").exists()
+    assert "Prompt \ufffd" not in " ".join(endpoint.log.prompts_received), "a mangled prompt was sent"
+
+
+def test_an_input_with_a_header_and_no_rows_is_refused_with_exit_2(tmp_path: Path, endpoint: LiveEndpoint) -> None:
+    (tmp_path / "input.csv").write_text("id,topic,prompt\n", encoding="utf-8")
+    job = write_job(tmp_path, endpoint.url)
+    with pytest.raises(JobError, match="input.path: the input has no rows$"):
+        run_job(job)
+    assert endpoint.log.requests == 0
+
+
+def test_a_resumed_parquet_run_reads_from_its_first_unfinished_segment(
+    tmp_path: Path, endpoint: LiveEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every segment but the last two committed, the rerun's reader starts at row group
+    of the first unfinished one: the rows before it are never decoded."""
+    from batchrun import source
+
+    rows = prompt_rows(400)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "input.parquet", row_group_size=50)
+    job = write_job(tmp_path, endpoint.url, input_path="input.parquet", run={"checkpoint_rows": 50})
+    assert run_job(job).exit_code == 0
+    state = tmp_path / "out" / "result.parquet.batchrun"
+    for k in (6, 7):
+        (state / "segments" / f"seg-{k:08d}.parquet").unlink()
+    decoded: list[int] = []
+    real = pq.ParquetFile.iter_batches
+
+    def counting(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> Any:
+        for batch in real(self, *args, **kwargs):
+            decoded.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
+    mark = len(endpoint.log.prompts_received)
+    assert run_job(job).exit_code == 0
+    assert sorted(endpoint.log.prompts_received[mark:]) == sorted(r["prompt"] for r in rows[300:])
+    # The engine decoded the last two row groups (100 rows) only; the finish reads all 400.
+    assert decoded == [100, 400], decoded
+    assert_exact(tmp_path / "out" / "result.parquet", rows)
