@@ -32,7 +32,7 @@ class InputSection(_Section):
     template: str | None = None
     id_column: str | None = None
     format: Literal["csv", "parquet"] | None = None
-    csv_max_row_mb: float = Field(1.0, gt=0, le=1024)
+    csv_max_row_mb: float = Field(16.0, gt=0, le=1024)
 
 
 class EndpointSection(_Section):

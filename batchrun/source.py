@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .config import JobSpec
 
 PARQUET_BUFFER_BYTES = 1 << 20
+CSV_FIRST_BLOCK_BYTES = 256 << 10
 # Files up to this size are hashed whole; larger ones by their head and tail (a full hash of tens
 # of GB on every resume would cost minutes; a changed row is still caught by its prompt hash).
 _FINGERPRINT_WHOLE = 64 << 20
@@ -183,12 +184,35 @@ def _parquet_batches(
     return batches(), skip
 
 
-def _csv_batches(path: Path, columns: Sequence[str] | None, block_bytes: int) -> Iterator[pa.RecordBatch]:
-    reader = _open_csv(path, columns, block_bytes)
-    try:
-        yield from reader
-    finally:
-        reader.close()
+def _csv_batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Iterator[pa.RecordBatch]:
+    """A CSV file's batches, read in small blocks, grown only for an input whose rows need it.
+
+    pyarrow's streaming reader reads ahead 32 blocks in the background, so memory grows with
+    the block, and the block bounds the longest row it can parse. Reading starts at 256 KB;
+    a row that does not fit makes the file be read again from its start with a block four
+    times larger (up to ``max_block``), skipping the rows already yielded.
+    """
+    block = min(CSV_FIRST_BLOCK_BYTES, max_block)
+    done = 0
+    while True:
+        reader = _open_csv(path, columns, block)
+        skip = done
+        try:
+            for batch in reader:
+                if skip:
+                    if batch.num_rows <= skip:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                done += batch.num_rows
+                yield batch
+            return
+        except pa.ArrowInvalid as exc:
+            if "straddl" not in str(exc) or block >= max_block:
+                raise
+            block = min(block * 4, max_block)
+        finally:
+            reader.close()
 
 
 def iter_segments(

@@ -524,12 +524,13 @@ def test_prompts_with_newlines_quotes_and_unicode_round_trip_exactly(tmp_path: P
 def test_a_field_longer_than_csv_max_row_mb_is_refused_naming_the_key_and_raising_it_processes_it(
     tmp_path: Path, endpoint: LiveEndpoint
 ) -> None:
-    """A 3 MB prompt does not fit pyarrow's 1 MB CSV block: a clear refusal before anything is
-    sent, never a silent drop; with ``csv_max_row_mb = 4`` the same row is answered exactly."""
-    rows = prompt_rows(20)
-    rows[11]["prompt"] = "long " * (600 * 1024)
+    """A 3 MB prompt is longer than ``csv_max_row_mb = 1``: a clear refusal before anything is
+    sent, never a silent drop; with the default (16) the reader grows its block for this file
+    and the row, and every row around it, is answered exactly once."""
+    rows = prompt_rows(3000)
+    rows[2011]["prompt"] = "long " * (600 * 1024)
     write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
+    job = write_job(tmp_path, endpoint.url, input={"csv_max_row_mb": 1})
     with pytest.raises(JobError) as info:
         run_job(job)
     assert str(info.value) == (
@@ -537,8 +538,9 @@ def test_a_field_longer_than_csv_max_row_mb_is_refused_naming_the_key_and_raisin
         "(memory use grows about 40 times as much)"
     )
     assert endpoint.log.requests == 0
-    job = write_job(tmp_path, endpoint.url, input={"csv_max_row_mb": 4})
+    job = write_job(tmp_path, endpoint.url, run={"batch_size": 64, "concurrency": 4})
     assert run_job(job).exit_code == 0
+    assert sorted(endpoint.log.prompts_received) == sorted(r["prompt"] for r in rows)
     assert_exact(tmp_path / "out" / "result.parquet", rows)
 
 
