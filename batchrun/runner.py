@@ -85,6 +85,7 @@ class RunSummary:
     throttle_wait_s: float = 0.0
     incremental: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
+    write_output_s: float = 0.0
     rows_per_s: float = 0.0
     started_at: str = ""
     finished_at: str = ""
@@ -320,7 +321,9 @@ def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSu
     for info in infos.values():
         for key, kind in info.params_types.items():
             types[key] = merge_kind(types.get(key), kind)
+    writing = time.monotonic()
     stats = write_output(spec, state, plan, types)
+    summary.write_output_s = time.monotonic() - writing
     state.drop_carry()
     counts = {"succeeded": stats.succeeded, "failed": stats.failed, "failed_by_class": dict(stats.failed_by_class)}
     _set_counts(summary, counts)

@@ -20,6 +20,12 @@ from .errors import StateError
 if TYPE_CHECKING:
     from .config import JobSpec
 
+# Output row groups: segments (a few thousand rows each) are gathered into row groups of up to
+# this many rows or bytes. One row group per segment would leave a 10M-row output with thousands
+# of row groups, whose metadata the writer keeps in memory until the footer (tens of MB).
+ROW_GROUP_ROWS = 128 * 1024
+ROW_GROUP_BYTES = 16 << 20
+
 _ARROW_OF = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 
 
@@ -110,7 +116,7 @@ def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: di
     stats = OutputStats()
     spec.output_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(spec.output_path, "output") as tmp:
-        writer: pq.ParquetWriter | None = None
+        writer: _GroupedWriter | None = None
         try:
             for k, inp in source.iter_segments(spec, None, seg_rows):
                 res = state.read_segment(k)
@@ -126,13 +132,14 @@ def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: di
                 ):
                     out = out.append_column(name, col)
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, out.schema, compression="zstd")
-                writer.write_table(out)
+                    writer = _GroupedWriter(tmp, out.schema)
+                writer.write(out)
                 stats.rows += out.num_rows
                 for e in errors.drop_null().to_pylist():
                     stats.failed_by_class[e.split(":", 1)[0]] += 1
             if writer is None:
                 raise StateError("the input has no rows; nothing to write")
+            writer.flush()
         finally:
             if writer is not None:
                 writer.close()
@@ -140,6 +147,33 @@ def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: di
         raise StateError(f"the input now has {stats.rows} rows, the plan {plan['rows']}")
     stats.succeeded = stats.rows - stats.failed
     return stats
+
+
+class _GroupedWriter:
+    """A Parquet writer that gathers tables into row groups of bounded rows and bytes."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self._writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+        self._bytes = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._rows += table.num_rows
+        self._bytes += table.nbytes
+        if self._rows >= ROW_GROUP_ROWS or self._bytes >= ROW_GROUP_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            table = pa.concat_tables(self._pending)
+            self._pending, self._rows, self._bytes = [], 0, 0
+            self._writer.write_table(table, row_group_size=table.num_rows)
+
+    def close(self) -> None:
+        self._pending = []
+        self._writer.close()
 
 
 def _check_alignment(spec: JobSpec, k: int, seg_rows: int, inp: pa.Table, res: pa.Table) -> None:

@@ -491,6 +491,23 @@ def test_small_checkpoint_rows_commit_many_segments_and_leave_no_temporary_files
     assert endpoint.log.max_batch <= 8 and endpoint.log.max_in_flight <= 4
 
 
+def test_the_output_gathers_segments_into_row_groups_of_bounded_rows(
+    tmp_path: Path, endpoint: LiveEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sixteen 64-row segments become row groups of 256 rows (four segments each), not one per
+    segment: a 10M-row output then carries a small footer, not thousands of row groups."""
+    from batchrun import sink
+
+    monkeypatch.setattr(sink, "ROW_GROUP_ROWS", 250)
+    rows = prompt_rows(1000)
+    write_csv(tmp_path / "input.csv", rows)
+    job = write_job(tmp_path, endpoint.url, run={"batch_size": 8, "concurrency": 4, "checkpoint_rows": 64})
+    assert run_job(job).exit_code == 0
+    assert_exact(tmp_path / "out" / "result.parquet", rows)
+    meta = pq.read_metadata(tmp_path / "out" / "result.parquet")
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [256, 256, 256, 232]
+
+
 # --- 12. awkward text ---------------------------------------------------------------------------
 
 
