@@ -240,11 +240,11 @@ def install_split() -> None:
 
 
 def batchrun_run(job: Path, split: bool) -> None:
-    from batchrun import run_job
-
     from batchrun.memory import use_lean_memory_pool
 
     use_lean_memory_pool()  # as the CLI does, before batchrun imports pyarrow
+    from batchrun import run_job
+
     if split:
         install_split()
     from batchrun import runner

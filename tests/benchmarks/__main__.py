@@ -1,0 +1,320 @@
+"""The benchmark suite (issue 5): ``python -m tests.benchmarks [SECTION ...] [--smoke]``.
+
+Sections (all by default, in this order):
+
+- ``throughput``: for each (concurrency C, batch size B) the reference endpoint runs in its own
+  process with latency L per request plus p per prompt, so the ideal rate is C*B/(L + B*p).
+  In one run against the same endpoint: ``blast`` (pre-built bodies, responses not parsed: the
+  endpoint's own ceiling, which must sit well above the ideal), the hand-written grouped loop,
+  batchrun, a one-prompt-per-request loop, and LiteLLM's ``batch_completion`` when litellm is
+  installed. Each gets prompts/s at steady state, the ratio to the ideal and to the grouped loop,
+  CPU per 1,000 prompts and peak RSS.
+- ``cost``: an endpoint that answers at once; CPU seconds per 1,000 prompts of batchrun and of the
+  grouped loop, and where batchrun's go (reading, prompts, JSON, checkpointing, writing).
+- ``memory``: peak RSS of whole batchrun runs over 1M and 10M rows, CSV and Parquet, and over
+  rows carrying a few KB of extra columns; the finish (writing the output) timed in each.
+- ``resume``: a 10M-row job 99% done (its last 1% of checkpoint segments removed): seconds from
+  start to the first request, and to the end.
+
+Every contender is its own process, reaped with ``wait4`` for its own CPU and peak RSS. Inputs
+and outputs go under ``--workdir`` (default: a folder in the system temp dir), never the repo.
+``--smoke`` runs every section at a tiny size in a minute or so; CI runs it through
+``tests/test_benchmarks.py`` and checks the figures are there, never how fast they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .harness import BATCHRUN, Endpoint, machine, py_module, run_child, write_job
+
+SECTIONS = ("throughput", "cost", "memory", "resume")
+
+
+@dataclass(frozen=True)
+class Cell:
+    concurrency: int
+    batch: int
+    latency_ms: float
+    per_prompt_ms: float
+    prompts: int
+    single_prompts: int  # the one-prompt-per-request loop is C*B times slower: it gets fewer
+
+    @property
+    def ideal(self) -> float:
+        return self.concurrency * self.batch / ((self.latency_ms + self.batch * self.per_prompt_ms) / 1000)
+
+
+def throughput_cells(smoke: bool) -> list[Cell]:
+    if smoke:
+        return [Cell(4, 8, 20, 0.5, 1600, 80)]
+    cells = []
+    # Latency is set so that the ideal rate stays near 4,000-6,000 prompts/s: what two shared
+    # cores can carry for the endpoint (one process) and a client together. `blast` shows the
+    # endpoint's ceiling at each setting, so an endpoint limit is never mistaken for batchrun's.
+    for c, b, latency_ms in [(8, 16, 50), (64, 16, 250), (64, 64, 1000), (256, 16, 1000), (256, 64, 3000)]:
+        cell = Cell(c, b, latency_ms, 0.5, 0, 0)
+        rounds = 12  # each worker sends about this many requests: start-up and tail are small
+        cells.append(
+            Cell(c, b, latency_ms, 0.5, max(20_000, rounds * c * b), max(2 * c, int(cell.ideal / b * 4)))
+        )
+    return cells
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def input_file(workdir: Path, rows: int, fmt: str, wide_kb: float = 0.0) -> Path:
+    """A benchmark input, made once per size and kept in ``workdir`` for later runs."""
+    name = f"input-{rows}{'-wide' + str(wide_kb) if wide_kb else ''}.{fmt}"
+    path = workdir / "inputs" / name
+    if not path.exists():
+        args = [str(path), "--rows", str(rows)] + (["--wide-kb", str(wide_kb)] if wide_kb else [])
+        made = run_child(py_module("data", *args))
+        if made.code != 0:
+            raise RuntimeError(f"could not write {path}: {made.stderr[-2000:]}")
+        say(f"  made {name}: {made.report.get('bytes', 0) / 1e6:.0f} MB in {made.wall_s:.0f}s")
+    return path
+
+
+# -- one contender ----------------------------------------------------------------------------------
+def contender(kind: str, ep: Endpoint, *, concurrency: int, batch: int, inp: Path, out: Path,
+              limit: int | None = None, job: Path | None = None, split: bool = False,
+              timeout_s: float = 7200) -> dict[str, Any]:
+    ep_cpu = ep.cpu_s()
+    if kind == "batchrun":
+        assert job is not None
+        cmd = py_module("baselines", "batchrun", "--job", str(job), *(["--split"] if split else []))
+    elif kind == "blast":
+        cmd = py_module("baselines", "blast", "--url", ep.url, "--concurrency", str(concurrency),
+                        "--batch", str(batch), "--prompts", str(limit))
+    else:
+        cmd = py_module("baselines", kind, "--url", ep.url, "--concurrency", str(concurrency),
+                        "--batch", str(batch), "--input", str(inp), "--out", str(out),
+                        *(["--limit", str(limit)] if limit else []))
+    r = run_child(cmd, timeout_s=timeout_s)
+    if r.code != 0 or not r.report:
+        raise RuntimeError(f"{kind} failed (exit {r.code}): {r.stderr[-3000:]}")
+    rep = r.report
+    prompts = int(rep["prompts"])
+    return {
+        "kind": kind,
+        "prompts": prompts,
+        "rate": rep["rate"],
+        "steady_rate": rep["steady_rate"],
+        "wall_s": r.wall_s,
+        "cpu_s": r.cpu_s,
+        "cpu_per_1k": 1000 * r.cpu_s / prompts if prompts else math.nan,
+        "work_cpu_per_1k": 1000 * rep["work_cpu_s"] / prompts if prompts else math.nan,
+        "maxrss_mb": r.maxrss_mb,
+        "endpoint_cpu_s": ep.cpu_s() - ep_cpu,
+        **{k: rep[k] for k in ("split", "finish_s", "status", "requests", "prompts_resent") if rep.get(k) is not None},
+    }
+
+
+def litellm_available() -> bool:
+    probe = run_child([sys.executable, "-c", "import litellm"], timeout_s=120)
+    return probe.code == 0
+
+
+# -- sections ---------------------------------------------------------------------------------------
+def run_throughput(workdir: Path, smoke: bool) -> list[dict[str, Any]]:
+    say("\n## throughput: prompts/s at steady state (10%..90% of prompts answered)")
+    with_litellm = litellm_available()
+    if not with_litellm:
+        say("  (litellm is not installed: its batch_completion is left out)")
+    rows = []
+    for cell in throughput_cells(smoke):
+        inp = input_file(workdir, cell.prompts, "parquet")
+        out = workdir / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        say(f"\n### C={cell.concurrency} B={cell.batch} L={cell.latency_ms:g} ms + {cell.per_prompt_ms:g} ms/prompt: "
+            f"ideal {cell.ideal:,.0f} prompts/s, {cell.prompts:,} prompts")
+        with Endpoint(latency_ms=cell.latency_ms, per_prompt_ms=cell.per_prompt_ms) as ep:
+            job = write_job(workdir / "throughput.toml", input_path=inp, output_path=out / "throughput.parquet",
+                            api_base=ep.url, batch_size=cell.batch, concurrency=cell.concurrency)
+            common = dict(concurrency=cell.concurrency, batch=cell.batch, inp=inp, out=out / "baseline.parquet")
+            results = [contender("blast", ep, limit=cell.prompts, **common)]
+            results.append(contender("grouped", ep, **common))
+            results.append(contender("batchrun", ep, job=job, **common))
+            results.append(contender("single", ep, limit=cell.single_prompts, **common))
+            if with_litellm:
+                results.append(contender("litellm", ep, limit=cell.single_prompts, **common))
+        grouped = next(r for r in results if r["kind"] == "grouped")["steady_rate"]
+        say(f"| contender | prompts | prompts/s | of ideal | of grouped | CPU s/1k prompts | peak RSS MB |")
+        say("|---|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            r.update(concurrency=cell.concurrency, batch=cell.batch, latency_ms=cell.latency_ms,
+                     per_prompt_ms=cell.per_prompt_ms, ideal=cell.ideal,
+                     of_ideal=r["steady_rate"] / cell.ideal, of_grouped=r["steady_rate"] / grouped if grouped else math.nan)
+            say(f"| {r['kind']} | {r['prompts']:,} | {r['steady_rate']:,.0f} | {r['of_ideal']:.3f} | "
+                f"{r['of_grouped']:.3f} | {r['cpu_per_1k']:.3f} | {r['maxrss_mb']:.0f} |")
+        rows += results
+    return rows
+
+
+def run_cost(workdir: Path, smoke: bool) -> list[dict[str, Any]]:
+    n = 20_000 if smoke else 400_000
+    say(f"\n## cost: CPU per 1,000 prompts against an endpoint that answers at once ({n:,} prompts, C=8, B=16)")
+    inp = input_file(workdir, n, "parquet")
+    out = workdir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    with Endpoint() as ep:
+        job = write_job(workdir / "cost.toml", input_path=inp, output_path=out / "cost.parquet",
+                        api_base=ep.url, batch_size=16, concurrency=8)
+        grouped = contender("grouped", ep, concurrency=8, batch=16, inp=inp, out=out / "baseline.parquet")
+        plain = contender("batchrun", ep, concurrency=8, batch=16, inp=inp, out=out, job=job)
+        split = contender("batchrun", ep, concurrency=8, batch=16, inp=inp, out=out, job=job, split=True)
+    say("| contender | CPU s/1k prompts (process) | of grouped | endpoint CPU s/1k |")
+    say("|---|---:|---:|---:|")
+    for r in (grouped, plain):
+        say(f"| {r['kind']} | {r['cpu_per_1k']:.4f} | {r['cpu_per_1k'] / grouped['cpu_per_1k']:.2f} | "
+            f"{1000 * r['endpoint_cpu_s'] / r['prompts']:.4f} |")
+    total = split["cpu_s"]
+    say(f"\nwhere batchrun's CPU goes (a run with the split timers on: {1000 * total / split['prompts']:.4f} s/1k):")
+    say("| part | CPU s | s/1k prompts | share |")
+    say("|---|---:|---:|---:|")
+    parts = dict(split.get("split") or {})
+    parts["event loop, aiohttp, engine, start-up (the rest)"] = total - sum(parts.values())
+    for name, secs in parts.items():
+        say(f"| {name} | {secs:.2f} | {1000 * secs / split['prompts']:.4f} | {secs / total:.0%} |")
+    for r, label in ((grouped, "grouped"), (plain, "batchrun"), (split, "batchrun --split")):
+        r["label"] = label
+    return [grouped, plain, split]
+
+
+def memory_cases(smoke: bool) -> list[tuple[int, str, float]]:
+    if smoke:
+        return [(20_000, "csv", 0.0), (20_000, "parquet", 0.0), (5_000, "parquet", 3.0)]
+    return [(1_000_000, "csv", 0.0), (1_000_000, "parquet", 0.0),
+            (1_000_000, "csv", 3.0), (1_000_000, "parquet", 3.0),
+            (10_000_000, "csv", 0.0), (10_000_000, "parquet", 0.0)]
+
+
+def memory_job(workdir: Path, ep: Endpoint, n: int, fmt: str, wide: float) -> tuple[Path, Path, Path]:
+    """Input, job file and output of a memory case (``resume`` reuses the largest ones)."""
+    inp = input_file(workdir, n, fmt, wide)
+    name = f"memory-{n}-{fmt}{'-wide' if wide else ''}"
+    out = workdir / "out" / f"{name}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    job = write_job(workdir / f"{name}.toml", input_path=inp, output_path=out,
+                    api_base=ep.url, batch_size=64, concurrency=16)
+    return inp, job, out
+
+
+def run_memory(workdir: Path, smoke: bool) -> list[dict[str, Any]]:
+    say("\n## memory: peak RSS of whole `batchrun JOB --quiet` runs (plan, requests, checkpoints, output), "
+        "C=16 B=64, instant endpoint")
+    say("| rows | format | extra columns | input MB | peak RSS MB | wall s | rows/s | writing the output s |")
+    say("|---:|---|---|---:|---:|---:|---:|---:|")
+    largest = max(c[0] for c in memory_cases(smoke))
+    rows = []
+    with Endpoint() as ep:
+        for n, fmt, wide in memory_cases(smoke):
+            inp, job, out = memory_job(workdir, ep, n, fmt, wide)
+            run = run_child([BATCHRUN, str(job), "--quiet", "--restart"], timeout_s=7200)
+            if run.code != 0:
+                raise RuntimeError(f"batchrun {job} failed (exit {run.code}): {run.stderr[-3000:]}")
+            summary = json.loads(out.with_name(out.name + ".summary.json").read_text(encoding="utf-8"))
+            r = {"kind": "batchrun", "rows": n, "format": fmt, "wide_kb": wide,
+                 "input_mb": inp.stat().st_size / 1e6, "maxrss_mb": run.maxrss_mb, "wall_s": run.wall_s,
+                 "cpu_s": run.cpu_s, "write_output_s": summary["write_output_s"],
+                 "answered": summary["rows_answered_this_run"], "output_rows": _parquet_rows(out)}
+            if r["output_rows"] != n or r["answered"] != n:
+                raise RuntimeError(f"the {n}-row run answered {r['answered']} rows and wrote {r['output_rows']}")
+            say(f"| {n:,} | {fmt} | {f'~{wide:g} KB/row' if wide else 'none'} | {r['input_mb']:,.0f} | "
+                f"{r['maxrss_mb']:.0f} | {r['wall_s']:.0f} | {n / r['wall_s']:,.0f} | {r['write_output_s']:.1f} |")
+            rows.append(r)
+            if n < largest or wide:  # the largest narrow jobs stay: `resume` starts from them
+                shutil.rmtree(out.with_name(out.name + ".batchrun"), ignore_errors=True)
+                out.unlink(missing_ok=True)
+    return rows
+
+
+def run_resume(workdir: Path, smoke: bool) -> list[dict[str, Any]]:
+    n = max(c[0] for c in memory_cases(smoke))
+    say(f"\n## resume: a {n:,}-row job 99% done (its last 1% of segments removed); seconds to the first request")
+    say("| format | segments redone | to first request s | to end s | rows sent | peak RSS MB |")
+    say("|---|---:|---:|---:|---:|---:|")
+    rows = []
+    with Endpoint() as ep:
+        for fmt in ("parquet", "csv"):
+            _, job, out = memory_job(workdir, ep, n, fmt, 0.0)
+            state = out.with_name(out.name + ".batchrun")
+            if not (state / "finished.json").exists():
+                first = run_child([BATCHRUN, str(job), "--quiet"])
+                if first.code != 0:
+                    raise RuntimeError(f"the full run failed: {first.stderr[-2000:]}")
+            segments = sorted((state / "segments").glob("seg-*.parquet"))
+            cut = segments[len(segments) - max(1, len(segments) // 100):]
+            for f in cut:
+                f.unlink()
+            (state / "finished.json").unlink(missing_ok=True)
+            before = ep.stats()["prompts"]
+            r = run_child([BATCHRUN, str(job), "--quiet"], on_start=lambda proc: _first_request(ep, proc))
+            if r.code != 0:
+                raise RuntimeError(f"the resume failed: {r.stderr[-2000:]}")
+            sent = ep.stats()["prompts"] - before
+            first_s = r.report.get("on_start", {}).get("first_request_s", math.nan)
+            say(f"| {fmt} | {len(cut)} of {len(segments)} | {first_s:.2f} | {r.wall_s:.1f} | {sent:,} | {r.maxrss_mb:.0f} |")
+            rows.append({"format": fmt, "rows": n, "segments": len(segments), "redone": len(cut),
+                         "first_request_s": first_s, "wall_s": r.wall_s, "maxrss_mb": r.maxrss_mb, "sent": sent})
+    return rows
+
+
+def _first_request(ep: Endpoint, proc: Any) -> dict[str, float]:
+    started = time.monotonic()
+    before = ep.stats()["requests"]
+    while proc.poll() is None:
+        if ep.stats()["requests"] > before:
+            return {"first_request_s": time.monotonic() - started}
+        time.sleep(0.01)
+    return {}
+
+
+def _parquet_rows(path: Path) -> int:
+    probe = run_child([sys.executable, "-c",
+                       f"import pyarrow.parquet as pq, json; print(json.dumps({{'rows': pq.read_metadata({str(path)!r}).num_rows}}))"])
+    return int(probe.report["rows"])
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("--smoke", action="store_true", help="every section at a tiny size (CI)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "batchrun-bench")
+    ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    args = ap.parse_args(argv)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    sections = args.sections or list(SECTIONS)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    say(f"# batchrun benchmarks{' (smoke)' if args.smoke else ''}, {time.strftime('%Y-%m-%d %H:%M')}")
+    say(f"machine: {info['nproc']} cores ({info['cpu']}), {info['memory']}, Python {info['python']}, "
+        f"Linux {info['kernel']}, load {info['load']}")
+    results: dict[str, Any] = {"machine": info, "smoke": args.smoke}
+    runners = {"throughput": run_throughput, "cost": run_cost, "memory": run_memory, "resume": run_resume}
+    for name in SECTIONS:
+        if name in sections:
+            started = time.monotonic()
+            results[name] = runners[name](args.workdir, args.smoke)
+            say(f"({name}: {time.monotonic() - started:.0f}s)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
