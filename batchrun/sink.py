@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # this many rows or bytes. One row group per segment would leave a 10M-row output with thousands
 # of row groups, whose metadata the writer keeps in memory until the footer (tens of MB).
 ROW_GROUP_ROWS = 128 * 1024
-ROW_GROUP_BYTES = 16 << 20
+ROW_GROUP_BYTES = 8 << 20
 
 _ARROW_OF = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 
