@@ -397,8 +397,8 @@ def server_in_thread(options: ServerOptions | None = None) -> Iterator[tuple[str
         loop.close()
 
 
-# litellm 1.106's own types make pydantic warn at first use; not ours to fix, and harmless here.
-@pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning")
+# litellm's own types (1.106, 1.110) make pydantic warn at first use; not ours to fix, and harmless here.
+@pytest.mark.filterwarnings("ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")
 def test_litellm_custom_provider_gets_the_toy_output(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the price list at import
     litellm = pytest.importorskip("litellm")

@@ -120,7 +120,8 @@ def contender(kind: str, ep: Endpoint, *, concurrency: int, batch: int, inp: Pat
 
 
 def litellm_available() -> bool:
-    probe = run_child([sys.executable, "-c", "import litellm"], timeout_s=120)
+    probe = run_child([sys.executable, "-c", "import os; os.environ['LITELLM_LOCAL_MODEL_COST_MAP'] = 'True'; import litellm"],
+                      timeout_s=120)
     return probe.code == 0
 
 

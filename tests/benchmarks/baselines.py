@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
@@ -183,6 +184,7 @@ async def blast(url: str, concurrency: int, batch: int, prompts: int) -> tuple[i
 
 
 def litellm_loop(url: str, path: Path, concurrency: int, limit: int | None) -> tuple[int, list[tuple[float, int]]]:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the price list at import
     import litellm
 
     prompts = [p for _, chunk in read_rows(path, limit) for p in chunk]
