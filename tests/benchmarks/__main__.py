@@ -115,7 +115,7 @@ def contender(kind: str, ep: Endpoint, *, concurrency: int, batch: int, inp: Pat
         "work_cpu_per_1k": 1000 * rep["work_cpu_s"] / prompts if prompts else math.nan,
         "maxrss_mb": r.maxrss_mb,
         "endpoint_cpu_s": ep.cpu_s() - ep_cpu,
-        **{k: rep[k] for k in ("split", "finish_s", "status", "requests", "prompts_resent") if rep.get(k) is not None},
+        **{k: rep[k] for k in ("split", "finish_s", "status", "requests", "prompts_resent", "failed_calls") if rep.get(k) is not None},
     }
 
 
@@ -156,7 +156,8 @@ def run_throughput(workdir: Path, smoke: bool) -> list[dict[str, Any]]:
                      per_prompt_ms=cell.per_prompt_ms, ideal=cell.ideal,
                      of_ideal=r["steady_rate"] / cell.ideal, of_grouped=r["steady_rate"] / grouped if grouped else math.nan)
             say(f"| {r['kind']} | {r['prompts']:,} | {r['steady_rate']:,.0f} | {r['of_ideal']:.3f} | "
-                f"{r['of_grouped']:.3f} | {r['cpu_per_1k']:.3f} | {r['maxrss_mb']:.0f} |")
+                f"{r['of_grouped']:.3f} | {r['cpu_per_1k']:.3f} | {r['maxrss_mb']:.0f} |"
+                + (f" ({r['failed_calls']} calls failed: left out)" if r.get("failed_calls") else ""))
         rows += results
     return rows
 
