@@ -506,6 +506,10 @@ def test_the_output_gathers_segments_into_row_groups_of_bounded_rows(
     assert_exact(tmp_path / "out" / "result.parquet", rows)
     meta = pq.read_metadata(tmp_path / "out" / "result.parquet")
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [256, 256, 256, 232]
+    # Min/max statistics for the id and numbers, none for free text (they would fill the footer).
+    group = meta.row_group(0)
+    with_stats = {group.column(i).path_in_schema for i in range(group.num_columns) if group.column(i).is_stats_set}
+    assert with_stats == {"id", "attempts", "latency_s", *(f"params.{k}" for k in PARAMS)}, with_stats
 
 
 # --- 12. awkward text ---------------------------------------------------------------------------
