@@ -139,12 +139,9 @@ def iter_batches(
             else:
                 batches = _csv_batches(f, columns, spec.csv_block_bytes)
             for batch in batches:
-                if skip:
-                    if batch.num_rows <= skip:
-                        skip -= batch.num_rows
-                        continue
-                    batch, skip = batch.slice(skip), 0
-                yield batch
+                part, skip = _drop_head(batch, skip)
+                if part is not None:
+                    yield part
         except pa.ArrowInvalid as exc:
             if "straddl" in str(exc):  # Arrow's word for a row that does not fit in one block
                 raise JobError(
@@ -153,6 +150,14 @@ def iter_batches(
                     "(memory use grows about 40 times as much)"
                 ) from None
             raise JobError(f"cannot read {f.name} as {spec.input_format}: {exc}") from None
+
+
+def _drop_head(batch: pa.RecordBatch, skip: int) -> tuple[pa.RecordBatch | None, int]:
+    """What is left of ``batch`` after its first ``skip`` rows (None if nothing), and the rows
+    still to skip in the batches after it."""
+    if skip >= batch.num_rows:
+        return None, skip - batch.num_rows
+    return (batch.slice(skip) if skip else batch), 0
 
 
 def _parquet_batches(
@@ -199,13 +204,10 @@ def _csv_batches(path: Path, columns: Sequence[str] | None, max_block: int) -> I
         skip = done
         try:
             for batch in reader:
-                if skip:
-                    if batch.num_rows <= skip:
-                        skip -= batch.num_rows
-                        continue
-                    batch, skip = batch.slice(skip), 0
-                done += batch.num_rows
-                yield batch
+                part, skip = _drop_head(batch, skip)
+                if part is not None:
+                    done += part.num_rows
+                    yield part
             return
         except pa.ArrowInvalid as exc:
             if "straddl" not in str(exc) or block >= max_block:
