@@ -197,7 +197,9 @@ def memory_cases(smoke: bool) -> list[tuple[int, str, float]]:
         return [(20_000, "csv", 0.0), (20_000, "parquet", 0.0), (5_000, "parquet", 3.0)]
     return [(1_000_000, "csv", 0.0), (1_000_000, "parquet", 0.0),
             (1_000_000, "csv", 3.0), (1_000_000, "parquet", 3.0),
-            (10_000_000, "csv", 0.0), (10_000_000, "parquet", 0.0)]
+            (10_000_000, "csv", 0.0), (10_000_000, "parquet", 0.0),
+            # 10M rows of 3 KB: 23 GB of input and as much output (a CSV one would need 31 GB more).
+            (10_000_000, "parquet", 3.0)]
 
 
 def memory_job(workdir: Path, ep: Endpoint, n: int, fmt: str, wide: float) -> tuple[Path, Path, Path]:
