@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 
 import polars as pl
 import pytest
+from click.testing import CliRunner, Result
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from endpoint import LiveEndpoint  # noqa: E402
 
 from batchrun import server  # noqa: E402
+from batchrun.cli import main  # noqa: E402
 
 MODEL = "custom/test-model"
 PARAMS = {"max_tokens": 6, "temperature": 0.5, "top_p": 0.9, "top_k": 20}
@@ -181,3 +184,17 @@ def tally(output: Path, rows: list[dict[str, Any]], expected: Any = None) -> dic
         "duplicated": sum(c - 1 for c in counts.values()),
         "misplaced": misplaced,
     }
+
+
+@pytest.fixture(autouse=True)
+def _restore_batchrun_logger() -> Iterator[None]:
+    """The CLI points the "batchrun" logger at the stderr CliRunner captured; put it back after."""
+    logger = logging.getLogger("batchrun")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def invoke(*args: Any) -> Result:
+    """The CLI in this process (fast); its stderr is not a terminal, as under cron."""
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="batchrun")

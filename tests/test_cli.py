@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -10,20 +9,18 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
 from aiohttp import web
-from click.testing import CliRunner, Result
-from conftest import PARAMS, assert_exact, expected_output, prompt_rows, write_csv, write_job
+from click.testing import Result
+from conftest import PARAMS, assert_exact, expected_output, invoke, prompt_rows, write_csv, write_job
 from endpoint import LiveEndpoint
 
 from batchrun import server
 from batchrun.checkpoint import RunState
-from batchrun.cli import main
 from batchrun.config import load_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,17 +29,6 @@ CANARY = "sk-CANARY-123"
 OUTPUT_COLUMNS = ["output", "params", "error", "attempts", "latency_s"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_batchrun_logger() -> Iterator[None]:
-    """The CLI points the "batchrun" logger at the stderr CliRunner captured; put it back after."""
-    logger = logging.getLogger("batchrun")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="batchrun")
 
 
 def handled(result: Result) -> bool:

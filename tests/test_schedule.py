@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import resource
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,10 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner, Result
-from conftest import assert_exact, prompt_rows, write_csv, write_job
+from conftest import assert_exact, invoke, prompt_rows, write_csv, write_job
 from endpoint import LiveEndpoint
 
 from batchrun.checkpoint import RunState
-from batchrun.cli import main
 from batchrun.config import load_job
 from batchrun.server import ServerOptions
 
@@ -40,21 +37,6 @@ HOST = re.escape(socket.gethostname())
 STAMP = "%Y-%m-%dT%H:%M:%S%z"
 
 
-@pytest.fixture(autouse=True)
-def _restore_batchrun_logger() -> Iterator[None]:
-    """The CLI points the "batchrun" logger at the stderr CliRunner captured; put it back after."""
-    logger = logging.getLogger("batchrun")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def invoke(*args: Any) -> Result:
-    """The CLI in this process (fast); its stderr is not a terminal, as under cron."""
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="batchrun")
 
 
 def cli(*args: Any, cwd: Path, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
