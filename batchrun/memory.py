@@ -29,3 +29,27 @@ def use_lean_memory_pool() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
     except NotImplementedError:  # a pyarrow built without jemalloc
         pass
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the run so far back to the system before a phase that needs its own.
+
+    The requests phase leaves freed Python objects (parsed responses, in-flight bookkeeping) in
+    glibc's heaps, which keep them for reuse; the finish then stacked its own peak on top of them
+    (10M rows of 3 KB: 304 MB for the whole run against 280 MB for the finish alone).
+    ``malloc_trim`` returns those pages; Arrow's pool gives back what it caches. Both are no-ops
+    where they do not apply.
+    """
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()

@@ -30,6 +30,7 @@ from .errors import (
     StorageError,
 )
 from .incremental import carry_forward
+from .memory import release_free_memory
 from .sink import merge_kind, output_identity, write_output
 
 log = logging.getLogger("batchrun")
@@ -321,6 +322,7 @@ def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSu
     for info in infos.values():
         for key, kind in info.params_types.items():
             types[key] = merge_kind(types.get(key), kind)
+    release_free_memory()
     writing = time.monotonic()
     stats = write_output(spec, state, plan, types)
     summary.write_output_s = time.monotonic() - writing

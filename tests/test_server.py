@@ -368,7 +368,8 @@ def test_serve_forever_prints_its_url_and_stops_on_ctrl_c() -> None:
             with urllib.request.urlopen(url.removesuffix("/inference") + "/health", timeout=30) as resp:
                 assert json.load(resp) == {"ok": True}
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=30) == 0
+            # Generous: on CI beside a benchmark streaming 46 GB, the exit once took over 30 s.
+            assert proc.wait(timeout=90) == 0
             assert proc.stdout.read() == ""  # type: ignore[union-attr]
         finally:
             if proc.poll() is None:
