@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import math
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,14 +243,27 @@ async def start_server(
 
 
 def serve_forever(host: str, port: int, options: ServerOptions) -> None:
-    """Run the endpoint until Ctrl-C, after printing its URL (with the real port if 0 was asked)."""
+    """Run the endpoint until Ctrl-C or SIGTERM, after printing its URL (with the real port if 0
+    was asked).
+
+    The signals go through the event loop (``add_signal_handler``, which wakes it through a
+    pipe), not through Python's default SIGINT handler: that one runs only when the main thread
+    next runs Python code, and an idle server's main thread sits in ``epoll_wait`` while the
+    kernel may hand the signal to one of aiohttp's executor threads, so Ctrl-C could go unseen.
+    """
 
     async def main() -> None:
         runner, url, _ = await start_server(host, port, options)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         try:
             print(f"batchrun reference endpoint on {url}", flush=True)
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             await runner.cleanup()
 
     try:

@@ -357,7 +357,8 @@ def test_make_app_defaults() -> None:
     assert app[OPTIONS] == ServerOptions() and app[STATS] == ServerStats()
 
 
-def test_serve_forever_prints_its_url_and_stops_on_ctrl_c() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_forever_prints_its_url_and_stops_on_ctrl_c_or_sigterm(sig: signal.Signals) -> None:
     code = "from batchrun.server import ServerOptions, serve_forever; serve_forever('127.0.0.1', 0, ServerOptions())"
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
         try:
@@ -367,9 +368,8 @@ def test_serve_forever_prints_its_url_and_stops_on_ctrl_c() -> None:
             assert url.endswith("/inference") and not url.startswith("http://127.0.0.1:0/")
             with urllib.request.urlopen(url.removesuffix("/inference") + "/health", timeout=30) as resp:
                 assert json.load(resp) == {"ok": True}
-            proc.send_signal(signal.SIGINT)
-            # Generous: on CI beside a benchmark streaming 46 GB, the exit once took over 30 s.
-            assert proc.wait(timeout=90) == 0
+            proc.send_signal(sig)
+            assert proc.wait(timeout=30) == 0
             assert proc.stdout.read() == ""  # type: ignore[union-attr]
         finally:
             if proc.poll() is None:
