@@ -143,13 +143,18 @@ def iter_batches(
                 if part is not None:
                     yield part
         except pa.ArrowInvalid as exc:
-            if "straddl" in str(exc):  # Arrow's word for a row that does not fit in one block
+            if _straddles(exc):
                 raise JobError(
                     f"{f.name}: a CSV row is longer than input.csv_max_row_mb "
                     f"({spec.csv_block_bytes / (1 << 20):g} MB); raise it for this input "
                     "(memory use grows about 40 times as much)"
                 ) from None
             raise JobError(f"cannot read {f.name} as {spec.input_format}: {exc}") from None
+
+
+def _straddles(exc: pa.ArrowInvalid) -> bool:
+    """Whether pyarrow's CSV reader failed on a row longer than its block ("straddling" is its word)."""
+    return "straddl" in str(exc)
 
 
 def _drop_head(batch: pa.RecordBatch, skip: int) -> tuple[pa.RecordBatch | None, int]:
@@ -210,7 +215,7 @@ def _csv_batches(path: Path, columns: Sequence[str] | None, max_block: int) -> I
                     yield part
             return
         except pa.ArrowInvalid as exc:
-            if "straddl" not in str(exc) or block >= max_block:
+            if not _straddles(exc) or block >= max_block:
                 raise
             block = min(block * 4, max_block)
         finally:

@@ -72,8 +72,11 @@ class CrashModel(RuleBasedStateMachine):
         )
 
     def teardown(self) -> None:
-        self.endpoint.__exit__(None, None, None)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.finish()
+        finally:
+            self.endpoint.__exit__(None, None, None)
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def cli(self, crash_at: str | None = None, timeout: float = 60) -> int:
         env = {k: v for k, v in os.environ.items() if k != "BATCHRUN_CRASH_AT"}
@@ -138,18 +141,10 @@ class CrashModel(RuleBasedStateMachine):
         assert set(sent) == {r["prompt"] for r in self.rows}
 
 
-class FinishedCrashModel(CrashModel):
-    def teardown(self) -> None:
-        try:
-            self.finish()
-        finally:
-            super().teardown()
-
-
-FinishedCrashModel.TestCase.settings = settings(
+CrashModel.TestCase.settings = settings(
     max_examples=EXAMPLES,
     stateful_step_count=6,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestAnySequenceOfCrashesSignalsAndFaultsThenAHealthyRunIsExact = FinishedCrashModel.TestCase
+TestAnySequenceOfCrashesSignalsAndFaultsThenAHealthyRunIsExact = CrashModel.TestCase
