@@ -317,9 +317,8 @@ def _run_locked(
 
 def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSummary, sizes: dict[int, int]) -> None:
     """Write the output from the committed segments; then the finish marker and success marker."""
-    infos = state.scan_segments(sizes)
     types: dict[str, str] = {}
-    for info in infos.values():
+    for info in state.scan_segments(sizes).values():
         for key, kind in info.params_types.items():
             types[key] = merge_kind(types.get(key), kind)
     release_free_memory()

@@ -532,3 +532,35 @@ def test_an_unset_key_variable_exits_2_from_the_installed_command(tmp_path: Path
         f"batchrun: error: {job}: endpoint.api_key_env: environment variable BATCHRUN_TEST_UNSET_KEY "
         "is not set (it should hold the endpoint's API key)\n"
     )
+
+
+_POOL_PROBE = (
+    "import os\n"
+    "from batchrun.memory import use_lean_memory_pool\n"
+    "use_lean_memory_pool()\n"
+    "import pyarrow as pa\n"
+    "print(os.environ.get('JE_ARROW_MALLOC_CONF'), pa.default_memory_pool().backend_name)\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pyarrow's wheels carry jemalloc on Linux")
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, ["dirty_decay_ms:0,muzzy_decay_ms:0", "jemalloc"]),
+        ({"JE_ARROW_MALLOC_CONF": "dirty_decay_ms:500"}, ["dirty_decay_ms:500", "jemalloc"]),
+        ({"ARROW_DEFAULT_MEMORY_POOL": "system"}, ["None", "system"]),
+    ],
+    ids=["default", "own-jemalloc-conf-kept", "own-pool-kept"],
+)
+def test_batchrun_processes_use_jemalloc_returning_freed_pages_at_once_unless_the_user_chose(
+    given: dict[str, str], expected: list[str]
+) -> None:
+    # What the CLI and the Airflow operator do before pyarrow is imported (batchrun.memory): the
+    # figures it is chosen for are in tests/benchmarks/RESULTS.md; a user's own choice wins.
+    env = {k: v for k, v in os.environ.items() if k not in ("JE_ARROW_MALLOC_CONF", "ARROW_DEFAULT_MEMORY_POOL")}
+    done = subprocess.run(
+        [sys.executable, "-c", _POOL_PROBE], env={**env, **given}, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected
