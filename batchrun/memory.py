@@ -12,7 +12,7 @@ input through buffers of a few MB, and that second held tens of MB of pages alre
 whole run over 1M rows of 3 KB peaked at 228 MB with the default and 185 MB with a decay of 0
 (decays of 10-100 ms still left most of it). The price is page faults: the finish of that run
 spent 7.5 s of system time instead of 2.2 (user time 19 s either way); over narrow rows the
-client's CPU per 1,000 prompts grew by about 0.0015 s (checkpoint and output writes). The decay
+client's CPU per 1,000 prompts grew by 0.002-0.008 s (tests/benchmarks/RESULTS.md). The decay
 is read when jemalloc starts, from ``JE_ARROW_MALLOC_CONF``: ``pa.jemalloc_set_decay_ms`` later
 reaches only arenas created after it (measured: no gain on a whole run).
 
