@@ -170,9 +170,9 @@ def _statistics_columns(schema: pa.Schema, id_column: str | None) -> list[str]:
         return any(getattr(pa.types, k, lambda _: False)(typ) for k in kinds)  # the views: pyarrow >= 16
 
     out = []
-    for field in schema:
-        for path, typ in leaves(field.name, field.type):
-            if field.name == id_column or not textual(typ):
+    for column in schema:
+        for path, typ in leaves(column.name, column.type):
+            if column.name == id_column or not textual(typ):
                 out.append(path)
     return out
 

@@ -29,8 +29,6 @@ CANARY = "sk-CANARY-123"
 OUTPUT_COLUMNS = ["output", "params", "error", "attempts", "latency_s"]
 
 
-
-
 def handled(result: Result) -> bool:
     """The command ended through sys.exit, not an exception escaping the error boundary."""
     return result.exception is None or type(result.exception) is SystemExit

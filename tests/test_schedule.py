@@ -37,8 +37,6 @@ HOST = re.escape(socket.gethostname())
 STAMP = "%Y-%m-%dT%H:%M:%S%z"
 
 
-
-
 def cli(*args: Any, cwd: Path, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """The installed console script in a process of its own, as cron would start it."""
     return subprocess.run(
