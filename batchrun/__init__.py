@@ -8,11 +8,17 @@ from typing import TYPE_CHECKING, Any
 # pyarrow before the CLI has chosen Arrow's allocator (batchrun.memory).
 _EXPORTS = {
     "BatchrunError": "errors",
+    "BusyError": "errors",
+    "EndpointError": "errors",
+    "InterruptedRun": "errors",
+    "JobError": "errors",
+    "StorageError": "errors",
     "JobSpec": "config",
     "load_job": "config",
     "Progress": "engine",
     "RunSummary": "runner",
     "Shard": "runner",
+    "arun_job": "runner",
     "job_status": "runner",
     "merge_job": "runner",
     "run_job": "runner",
@@ -22,8 +28,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .config import JobSpec, load_job
     from .engine import Progress
-    from .errors import BatchrunError
-    from .runner import RunSummary, Shard, job_status, merge_job, run_job
+    from .errors import BatchrunError, BusyError, EndpointError, InterruptedRun, JobError, StorageError
+    from .runner import RunSummary, Shard, arun_job, job_status, merge_job, run_job
 
 
 def __getattr__(name: str) -> Any:

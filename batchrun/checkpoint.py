@@ -7,6 +7,7 @@ Layout of ``<output>.batchrun/``::
     segments/seg-00000042.parquet   results for input rows [42*S, 43*S), one file per segment
     partial/seg-00000042.<run>.parquet  resolved rows of a segment not yet complete
     finished.json              written after the output file was published
+    outputs.json               the identities (size, mtime) of output files this job published
 
 The files are the truth. A segment file exists only once every row of its segment is resolved
 (answered or failed), its name is fixed by its position, so a retried or concurrent commit
@@ -49,7 +50,10 @@ RESULT_SCHEMA = pa.schema(
         ("latency_s", pa.float64()),
     ]
 )
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# Errors of the storage, not of batchrun: a full or read-only disk, a quota, a folder not ours.
+# The error class of a row whose prompt is empty: skipped, not sent, not failed.
+EMPTY_PROMPT = "empty_prompt"
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,15 @@ class SegmentInfo:
     """What a committed segment's footer says of it."""
 
     rows: int
-    failed: int
+    failed: int  # rows with an error, skipped ones included (as the footer has always said)
     retryable: int  # failed rows a rerun sends again (all but empty prompts)
     params_types: dict[str, str] = field(default_factory=dict)
     failed_by_class: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        """Rows not sent because their prompt is empty: neither succeeded nor failed."""
+        return self.failed_by_class.get(EMPTY_PROMPT, 0)
 
     def metadata(self, k: int) -> dict[str, str]:
         return {
@@ -80,13 +89,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _storage_error(exc: OSError, what: Path) -> StorageError:
+def storage_error(exc: OSError, what: Path) -> StorageError:
     reason = {
         errno.ENOSPC: "no space left on device",
         errno.EDQUOT: "disk quota exceeded",
         errno.EFBIG: "file too large for this filesystem or limit",
-    }.get(exc.errno or 0, exc.strerror or str(exc))
-    return StorageError(f"cannot write {what}: {reason}; free space and run the same command")
+    }.get(exc.errno or 0)
+    if reason is not None:
+        return StorageError(f"cannot write {what}: {reason}; free space and run the same command")
+    reason = {errno.EROFS: "read-only file system"}.get(exc.errno or 0, exc.strerror or str(exc))
+    return StorageError(f"cannot write {what}: {reason}; make it writable and run the same command")
 
 
 def crashpoint(step: str) -> None:
@@ -134,7 +146,7 @@ def atomic_path(final: Path, kind: str = "file") -> Iterator[Path]:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in _STORAGE_ERRNOS:
-            raise _storage_error(exc, final) from None
+            raise storage_error(exc, final) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -202,6 +214,7 @@ class RunState:
         self.journal_dir = root / "journal"
         self.plan_path = root / "plan.json"
         self.finished_path = root / "finished.json"
+        self.outputs_path = root / "outputs.json"
         self.lock_path = root / "lock"
         self.carry_path = root / "carry.parquet"
         self._journal_fds: dict[int, int] = {}  # open journals of segments being worked on
@@ -213,7 +226,7 @@ class RunState:
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             if exc.errno in _STORAGE_ERRNOS:
-                raise _storage_error(exc, self.root) from None
+                raise storage_error(exc, self.root) from None
             raise
 
     @contextmanager
@@ -226,7 +239,12 @@ class RunState:
         """
         self.ensure_dirs()
         path = self.root / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in _STORAGE_ERRNOS:
+                raise storage_error(exc, path) from None
+            raise
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -274,11 +292,16 @@ class RunState:
             f.unlink(missing_ok=True)
 
     def drop_progress(self) -> None:
-        """Remove segments, partials, journals and the finish marker; keep plan and carry."""
+        """Remove segments, partials, journals and the finish marker; keep plan, carry and the
+        record of outputs published (the file this job wrote stays its own to replace)."""
         for d in (self.segments_dir, self.partial_dir, self.journal_dir):
             if d.exists():
                 for f in d.iterdir():
                     f.unlink()
+        finished = self.read_finished()
+        if finished is not None and finished.get("output"):
+            # State written before outputs.json existed recorded the output only here.
+            self.record_output(finished["output"])
         self.finished_path.unlink(missing_ok=True)
 
     # -- carry (incremental runs by id) ----------------------------------------------------------
@@ -433,7 +456,7 @@ class RunState:
             os.write(fd, line)
         except OSError as exc:
             if exc.errno in _STORAGE_ERRNOS:
-                raise _storage_error(exc, self._journal_path(k)) from None
+                raise storage_error(exc, self._journal_path(k)) from None
             raise
 
     def read_journal(self, k: int) -> set[int]:
@@ -471,3 +494,23 @@ class RunState:
 
     def clear_finished(self) -> None:
         self.finished_path.unlink(missing_ok=True)
+
+    # -- outputs this job wrote -----------------------------------------------------------------
+    def record_output(self, identity: dict[str, int]) -> None:
+        """Remember an output file this job is about to publish (called before its rename, so a
+        crash between the two never leaves the job's own output looking foreign)."""
+        known = [i for i in self._recorded_outputs() if i != identity]
+        write_json_atomic(self.outputs_path, {"written": [*known[-(_OUTPUTS_KEPT - 1):], identity]}, "outputs")
+
+    def wrote_output(self, identity: dict[str, int]) -> bool:
+        """Whether the file with this identity at the output path was published by this job."""
+        finished = self.read_finished()
+        return identity in self._recorded_outputs() or (finished is not None and finished.get("output") == identity)
+
+    def _recorded_outputs(self) -> list[dict[str, int]]:
+        doc = read_json(self.outputs_path) or {}
+        written = doc.get("written")
+        return [i for i in written if isinstance(i, dict)] if isinstance(written, list) else []
+
+
+_OUTPUTS_KEPT = 16

@@ -81,9 +81,12 @@ def _boundary(debug: bool, fn, *args, **kwargs):
 @click.option("--shard", metavar="I/N", help="Process only shard I of N (e.g. 2/8); the last shard to finish writes the output.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object per log line.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a file at output.path that this job did not write (as output.overwrite = true).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run(
-    job: Path, restart: bool, quiet: bool, log_interval: float, shard: str | None, log_format: str, debug: bool
+    job: Path, restart: bool, quiet: bool, log_interval: float, shard: str | None, log_format: str,
+    overwrite: bool, debug: bool,
 ) -> None:
     """Run JOB, or resume it where it stopped."""
     _setup_logging(quiet, debug, log_format)
@@ -93,7 +96,7 @@ def run(
     try:
         summary = _boundary(
             debug, run_job, job, on_progress=progress.update, restart=restart, handle_signals=True,
-            shard=shard,
+            shard=shard, overwrite=overwrite,
         )
     finally:
         progress.close()
@@ -103,13 +106,15 @@ def run(
 
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--overwrite", is_flag=True,
+              help="Replace a file at output.path that this job did not write (as output.overwrite = true).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def merge(job: Path, debug: bool) -> None:
+def merge(job: Path, overwrite: bool, debug: bool) -> None:
     """Write JOB's single output from its shards; refuses (exit 75) while a shard is unfinished."""
     _setup_logging(False, debug)
     from .runner import merge_job
 
-    summary = _boundary(debug, merge_job, job)
+    summary = _boundary(debug, merge_job, job, overwrite=overwrite)
     click.echo(summary.line())
     sys.exit(summary.exit_code)
 
@@ -133,7 +138,9 @@ def status(job: Path, as_json: bool, debug: bool) -> None:
         by_class = ", ".join(f"{k} {v}" for k, v in info["failed_by_class"].items())
         lines += [
             f"rows:      {rows} total, {info['done']} done ({info['succeeded']} succeeded, "
-            f"{info['failed']} failed{': ' + by_class if by_class else ''}), {info['pending']} pending"
+            f"{info['failed']} failed{': ' + by_class if by_class else ''}"
+            + (f", {info['skipped']} skipped" if info["skipped"] else "")
+            + f"), {info['pending']} pending"
             + (f" ({info['saved_in_partials']} of them answered and saved)" if info["saved_in_partials"] else ""),
         ]
     for name, holder in info["running"].items():

@@ -69,6 +69,7 @@ class RunSection(_Section):
 class OutputSection(_Section):
     path: str
     state_dir: str | None = None
+    overwrite: bool = False
 
 
 class JobFile(_Section):
@@ -103,6 +104,7 @@ class JobSpec(BaseModel):
     run: RunSection
     output_path: Path
     state_dir: Path
+    overwrite_output: bool = False  # replace a file at output_path that this job did not write
 
     @property
     def model_name(self) -> str:
@@ -327,6 +329,7 @@ def _resolve(
         run=run,
         output_path=output_path,
         state_dir=state_dir,
+        overwrite_output=out.overwrite if out is not None else False,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import source
-from .checkpoint import RESULT_SCHEMA, RunState, SegmentInfo, crashpoint
+from .checkpoint import EMPTY_PROMPT, RESULT_SCHEMA, RunState, SegmentInfo, crashpoint
 from .client import Accounting, EndpointClient, RetryPolicy, RowOutcome, Throttle, make_session
 from .config import BUILTIN, JobSpec
 from .errors import BatchrunError, InterruptedRun
@@ -24,9 +24,6 @@ from .protocol import Answer
 from .sink import params_types
 
 log = logging.getLogger("batchrun")
-
-EMPTY_PROMPT = "empty_prompt"
-
 
 @dataclass
 class Progress:
@@ -37,6 +34,7 @@ class Progress:
     failed: int
     sent: int
     elapsed_s: float
+    skipped: int = 0  # rows not sent because their prompt is empty (counted in done)
 
 
 class StopSignals:
@@ -98,9 +96,11 @@ class Segment:
         self.ids = source.id_strings(table, spec.id_column) if spec.id_column else None
         n = table.num_rows
         self.outcomes: list[RowOutcome | None] = [None] * n
+        self.skipped = 0
         for i, why in enumerate(prompts.reason):
             if why is not None:
                 self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None)
+                self.skipped += 1
         self.outstanding = 0
         self.dirty = False  # results not yet in a partial file
         self.sent_before: set[int] = set()  # rows a crashed run had sent (from the journal)
@@ -177,8 +177,11 @@ class Engine:
         self.live_workers = 0
         self.answered = 0
         done = sum(i.rows for k, i in infos.items() if k not in self.todo)
-        failed = sum(i.failed for k, i in infos.items() if k not in self.todo)
-        self.progress = Progress(total=plan["rows"], done=done, failed=failed, sent=0, elapsed_s=0.0)
+        earlier = [i for k, i in infos.items() if k not in self.todo]
+        self.progress = Progress(
+            total=plan["rows"], done=done, failed=sum(i.retryable for i in earlier), sent=0, elapsed_s=0.0,
+            skipped=sum(i.skipped for i in earlier),
+        )
         self.accounting = Accounting()
 
     # -- orchestration --------------------------------------------------------------------------
@@ -294,16 +297,14 @@ class Engine:
 
     def _open_segment(self, k: int, table: pa.Table) -> Segment:
         seg = Segment(k, k * self.seg_rows, table, self.spec)
-        reused = 0
         if k in self.infos:  # committed before with rows worth retrying: keep its successes
-            reused += seg.carry_over(self.state.read_segment(k))
+            seg.carry_over(self.state.read_segment(k))
         for earlier in (self.state.read_partials(k), self.state.read_carry(seg.start, seg.start + table.num_rows)):
             if earlier is not None:
-                reused += seg.carry_over(earlier)
+                seg.carry_over(earlier)
         seg.sent_before = self.state.read_journal(k)
-        resolved = sum(o is not None for o in seg.outcomes)
-        self.progress.done += resolved
-        self.progress.failed += resolved - reused
+        self.progress.done += sum(o is not None for o in seg.outcomes)
+        self.progress.skipped += seg.skipped
         return seg
 
     async def _work(self, queue: asyncio.Queue[_Batch | None], client: EndpointClient) -> None:

@@ -16,11 +16,18 @@ Rows that fail after their retries are data (an ``error`` value on the row), not
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BatchrunError(Exception):
-    """Base of every error batchrun raises on purpose."""
+    """Base of every error batchrun raises on purpose.
+
+    ``summary`` is the run's ``RunSummary`` when the error ended a run (``run_job``, ``merge_job``),
+    so a scheduler can report the counts of a run that stopped early.
+    """
 
     exit_code = 1
+    summary: Any = None
 
 
 class JobError(BatchrunError):

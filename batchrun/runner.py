@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import source
-from .checkpoint import DamagedStateError, RunState, SegmentInfo, crashpoint, write_json_atomic
+from .checkpoint import EMPTY_PROMPT, DamagedStateError, RunState, SegmentInfo, crashpoint, write_json_atomic
 from .config import JobSpec, load_job
 from .engine import Engine, Progress, StopSignals
 from .errors import (
@@ -31,11 +31,12 @@ from .errors import (
 )
 from .incremental import carry_forward
 from .memory import release_free_memory
+from .preflight import check_output_owned, check_output_path, check_output_writable
 from .sink import merge_kind, output_identity, write_output
 
 log = logging.getLogger("batchrun")
 
-__all__ = ["Progress", "RunSummary", "Shard", "job_status", "merge_job", "run_job"]
+__all__ = ["Progress", "RunSummary", "Shard", "arun_job", "job_status", "merge_job", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class RunSummary:
     succeeded: int = 0
     failed: int = 0
     failed_by_class: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0  # rows whose prompt is empty: not sent, not failed
     rows_answered_this_run: int = 0
     rows_reused: int = 0
     requests: int = 0
@@ -114,7 +116,7 @@ class RunSummary:
             f", {self.failed} failed ({', '.join(f'{k} {v}' for k, v in sorted(self.failed_by_class.items()))})"
             if self.failed
             else ""
-        )
+        ) + (f", {self.skipped} skipped (empty prompt)" if self.skipped else "")
         retries = sum(self.retries_by_cause.values())
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_cause.items()))
         throttled = f", {self.throttle_wait_s:.1f}s throttled" if self.throttle_wait_s >= 0.05 else ""
@@ -136,6 +138,7 @@ def run_job(
     restart: bool = False,
     handle_signals: bool = False,
     shard: Shard | str | None = None,
+    overwrite: bool = False,
 ) -> RunSummary:
     """Run or resume a job (or one shard of it) to completion and return its summary.
 
@@ -143,12 +146,18 @@ def run_job(
     busy, interrupted); progress committed before that is kept and the same call resumes it. The
     exception carries the run's summary as ``.summary`` (except ``BusyError``: the running
     process owns the summary).
+
+    ``run_job`` runs its own event loop; from code already inside one (a notebook, an async
+    service) use ``await arun_job(...)``.
     """
-    spec = job if isinstance(job, JobSpec) else load_job(job)
+    _refuse_running_loop("run_job")
+    spec = _with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
     part = Shard.parse(shard) if isinstance(shard, str) else shard
     if restart and part is not None:
         raise JobError("--restart discards the progress of every shard; run it once without --shard")
+    check_output_path(spec)
     api_key = _api_key(spec)
+    check_output_writable(spec, create=True)
     state = RunState(spec.state_dir)
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
@@ -170,10 +179,43 @@ def run_job(
         summary.exit_code = exc.exit_code
         summary.message = str(exc)
         _close_summary(summary, started, spec, part)
-        exc.summary = summary  # type: ignore[attr-defined]
+        exc.summary = summary
         raise
     _close_summary(summary, started, spec, part)
     return summary
+
+
+async def arun_job(
+    job: JobSpec | str | Path,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    restart: bool = False,
+    shard: Shard | str | None = None,
+    overwrite: bool = False,
+) -> RunSummary:
+    """``run_job`` for callers inside an event loop (a notebook, an async service).
+
+    The run gets an event loop of its own in a worker thread, so the caller's loop stays free;
+    ``on_progress`` is called from that thread. Signals stay the host's to handle.
+    """
+    return await asyncio.to_thread(
+        run_job, job, on_progress=on_progress, restart=restart, shard=shard, overwrite=overwrite
+    )
+
+
+def _refuse_running_loop(name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"{name}() cannot run inside a running event loop (a notebook or an async service); "
+        f"use `await batchrun.arun_job(...)` there instead"
+    )
+
+
+def _with_overwrite(spec: JobSpec, overwrite: bool) -> JobSpec:
+    return spec.model_copy(update={"overwrite_output": True}) if overwrite else spec
 
 
 def _run_engine(engine: Engine, signals: StopSignals | None) -> None:
@@ -193,9 +235,10 @@ def _saved_counts(state: RunState, part: Shard | None) -> dict[str, Any]:
     return _counts({k: i for k, i in infos.items() if part is None or part.owns(k)})
 
 
-def merge_job(job: JobSpec | str | Path) -> RunSummary:
+def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSummary:
     """Write the single output from every shard's segments; refuse while a shard is unfinished."""
-    spec = job if isinstance(job, JobSpec) else load_job(job)
+    spec = _with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
+    check_output_path(spec)
     state = RunState(spec.state_dir)
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
@@ -225,7 +268,10 @@ def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
     plan = state.read_plan()
     out: dict[str, Any] = {"job": str(spec.job_path), "output": str(spec.output_path)}
     if plan is None:
-        out.update(state="not started", rows=None, done=0, succeeded=0, failed=0, failed_by_class={}, pending=None)
+        out.update(
+            state="not started", rows=None, done=0, succeeded=0, failed=0, failed_by_class={}, skipped=0,
+            pending=None,
+        )
     else:
         sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
         infos = state.scan_segments(sizes, remove_damaged=False)
@@ -240,6 +286,7 @@ def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
             succeeded=counts["succeeded"],
             failed=counts["failed"],
             failed_by_class=counts["failed_by_class"],
+            skipped=counts["skipped"],
             pending=plan["rows"] - done,
             saved_in_partials=state.partial_rows(),
         )
@@ -268,6 +315,7 @@ def _run_locked(
         state.ensure_dirs()
         state.clear_leftovers(spec.output_path)
         plan = _plan(spec, state, allow_incremental=part is None)
+        check_output_owned(spec, state)
     summary.total_rows = plan["rows"]
     summary.incremental = plan.get("incremental", {})
     sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
@@ -321,12 +369,16 @@ def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSu
     for info in state.scan_segments(sizes).values():
         for key, kind in info.params_types.items():
             types[key] = merge_kind(types.get(key), kind)
+    check_output_owned(spec, state)  # a file may have appeared there meanwhile
     release_free_memory()
     writing = time.monotonic()
     stats = write_output(spec, state, plan, types)
     summary.write_output_s = time.monotonic() - writing
     state.drop_carry()
-    counts = {"succeeded": stats.succeeded, "failed": stats.failed, "failed_by_class": dict(stats.failed_by_class)}
+    counts = {
+        "succeeded": stats.succeeded, "failed": stats.failed, "failed_by_class": dict(stats.failed_by_class),
+        "skipped": stats.skipped,
+    }
     _set_counts(summary, counts)
     summary.status = "complete" if not stats.failed else "complete_with_failed_rows"
     finished = {"output": output_identity(spec.output_path), "rows": stats.rows, **counts}
@@ -336,7 +388,7 @@ def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSu
 
 
 def _write_success(spec: JobSpec, finished: dict[str, Any]) -> None:
-    counts = {k: finished[k] for k in ("rows", "succeeded", "failed", "failed_by_class")}
+    counts = {k: finished.get(k, 0) for k in ("rows", "succeeded", "failed", "failed_by_class", "skipped")}
     write_json_atomic(
         _success_path(spec), {"output": str(spec.output_path), **counts, "written_at": _now()}, "success"
     )
@@ -376,12 +428,15 @@ def _counts(infos: dict[int, SegmentInfo]) -> dict[str, Any]:
     by_class: dict[str, int] = {}
     for info in infos.values():
         for cls, n in info.failed_by_class.items():
-            by_class[cls] = by_class.get(cls, 0) + n
-    failed = sum(i.failed for i in infos.values())
+            if cls != EMPTY_PROMPT:
+                by_class[cls] = by_class.get(cls, 0) + n
+    failed = sum(i.retryable for i in infos.values())
+    skipped = sum(i.skipped for i in infos.values())
     return {
-        "succeeded": sum(i.rows for i in infos.values()) - failed,
+        "succeeded": sum(i.rows for i in infos.values()) - failed - skipped,
         "failed": failed,
         "failed_by_class": dict(sorted(by_class.items())),
+        "skipped": skipped,
     }
 
 
@@ -389,6 +444,7 @@ def _set_counts(summary: RunSummary, counts: dict[str, Any]) -> None:
     summary.succeeded = counts["succeeded"]
     summary.failed = counts["failed"]
     summary.failed_by_class = counts["failed_by_class"]
+    summary.skipped = counts["skipped"]
     summary.exit_code = 3 if summary.failed else 0
 
 
@@ -411,7 +467,7 @@ def _close_summary(summary: RunSummary, started: float, spec: JobSpec, part: Sha
     summary.duration_s = time.monotonic() - started
     summary.finished_at = _now()
     summary.rows_per_s = summary.rows_answered_this_run / summary.duration_s if summary.duration_s else 0.0
-    summary.rows_reused = max(0, summary.succeeded + summary.failed - summary.rows_answered_this_run)
+    summary.rows_reused = max(0, summary.succeeded - summary.rows_answered_this_run)
     try:
         spec.output_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(_summary_path(spec, part), summary.to_dict(), "summary")

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import source
-from .checkpoint import RunState, atomic_path
+from .checkpoint import EMPTY_PROMPT, RunState, atomic_path
 from .errors import StateError
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ _ARROW_OF = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str"
 class OutputStats:
     rows: int = 0
     succeeded: int = 0
+    skipped: int = 0
     failed_by_class: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -136,16 +137,24 @@ def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: di
                 writer.write(out)
                 stats.rows += out.num_rows
                 for e in errors.drop_null().to_pylist():
-                    stats.failed_by_class[e.split(":", 1)[0]] += 1
+                    cls = e.split(":", 1)[0]
+                    if cls == EMPTY_PROMPT:
+                        stats.skipped += 1
+                    else:
+                        stats.failed_by_class[cls] += 1
             if writer is None:
                 raise StateError("the input has no rows; nothing to write")
             writer.flush()
         finally:
             if writer is not None:
                 writer.close()
+        # Recorded before the rename: the file about to appear at the output path is this job's.
+        identity = output_identity(tmp)
+        assert identity is not None
+        state.record_output(identity)
     if stats.rows != plan["rows"]:
         raise StateError(f"the input now has {stats.rows} rows, the plan {plan['rows']}")
-    stats.succeeded = stats.rows - stats.failed
+    stats.succeeded = stats.rows - stats.failed - stats.skipped
     return stats
 
 

@@ -265,13 +265,13 @@ def render_prompts(table: pa.Table, spec: JobSpec) -> Prompts:
         for v in values:
             if v is None:
                 texts.append(None)
-                reasons.append(f"empty prompt: {spec.prompt_column} is null; not sent")
+                reasons.append(f"{spec.prompt_column} is null; not sent")
             elif not isinstance(v, str):
                 texts.append(str(v))
                 reasons.append(None)
             elif v.strip() == "":
                 texts.append(None)
-                reasons.append(f"empty prompt: {spec.prompt_column} is empty; not sent")
+                reasons.append(f"{spec.prompt_column} is empty; not sent")
             else:
                 texts.append(v)
                 reasons.append(None)
@@ -285,12 +285,12 @@ def render_prompts(table: pa.Table, spec: JobSpec) -> Prompts:
         nulls = [f for f, v in row.items() if v is None]
         if nulls:
             texts.append(None)
-            reasons.append(f"empty prompt: template column {nulls[0]!r} is null; not sent")
+            reasons.append(f"template column {nulls[0]!r} is null; not sent")
             continue
         text = spec.template.format_map(row)
         if text.strip() == "":
             texts.append(None)
-            reasons.append("empty prompt: the template rendered to nothing; not sent")
+            reasons.append("the template rendered to nothing; not sent")
         else:
             texts.append(text)
             reasons.append(None)

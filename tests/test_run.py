@@ -197,7 +197,7 @@ def test_ctrl_c_saves_progress_and_the_same_command_finishes_without_resending_c
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_duplicate_prompts_are_all_answered_and_empty_ones_are_never_sent(
+def test_duplicate_prompts_are_all_answered_and_empty_ones_are_skipped_never_sent_nor_failed(
     tmp_path: Path, endpoint: LiveEndpoint, fmt: str
 ) -> None:
     prompts = ["What is 2+2?", "", "Name a colour", "What is 2+2?", "   ", "\t", "What is 2+2?",
@@ -216,14 +216,15 @@ def test_duplicate_prompts_are_all_answered_and_empty_ones_are_never_sent(
 
     assert endpoint.log.prompts_received, "nothing was sent"
     assert set(endpoint.log.prompts_received) == {r["prompt"] for r in rows if r not in empty}
-    assert (summary.status, summary.exit_code) == ("complete_with_failed_rows", 3)
-    assert summary.failed == len(empty)
+    assert (summary.status, summary.exit_code) == ("complete", 0)
+    assert (summary.failed, summary.skipped, summary.succeeded) == (0, len(empty), len(rows) - len(empty))
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert df["id"].to_list() == [r["id"] for r in rows]
     for got, r in zip(df.iter_rows(named=True), rows):
         if r in empty:
             assert got["output"] is None
-            assert got["error"] is not None and got["error"].startswith("empty_prompt"), got
+            assert got["error"] is not None and got["error"].startswith("empty_prompt: "), got
+            assert "empty prompt" not in got["error"], got  # the class is said once
         else:
             assert got["error"] is None, got
             assert got["output"] == expected_output(r["prompt"])
@@ -231,8 +232,7 @@ def test_duplicate_prompts_are_all_answered_and_empty_ones_are_never_sent(
     requests = endpoint.log.requests
     again = run_job(job)
     assert endpoint.log.requests == requests, "a rerun resent something"
-    assert again.exit_code == 3
-    assert again.failed == len(empty)
+    assert (again.status, again.exit_code, again.skipped) == ("nothing_to_do", 0, len(empty))
 
 
 # --- 5. endpoint faults -----------------------------------------------------------------------

@@ -115,14 +115,16 @@ def status_json(job: Path) -> dict[str, Any]:
 
 
 def counts_in(output: Path) -> dict[str, Any]:
-    """succeeded, failed and failed_by_class counted from the output file itself."""
+    """succeeded, failed (by class) and skipped (empty prompts) counted from the output file itself."""
     errors = pl.read_parquet(output)["error"].to_list()
     by_class = Counter(e.split(":", 1)[0] for e in errors if e is not None)
+    skipped = by_class.pop("empty_prompt", 0)
     return {
         "rows": len(errors),
         "succeeded": sum(e is None for e in errors),
         "failed": sum(by_class.values()),
         "failed_by_class": dict(sorted(by_class.items())),
+        "skipped": skipped,
     }
 
 
@@ -387,7 +389,7 @@ def test_status_and_the_summary_report_the_counts_of_the_output_file(tmp_path: P
     assert result.exit_code == 3, result.output
     counts = counts_in(output_of(tmp_path))
     assert counts == {
-        "rows": 30, "succeeded": 25, "failed": 5, "failed_by_class": {"empty_prompt": 3, "rejected": 2},
+        "rows": 30, "succeeded": 25, "failed": 2, "failed_by_class": {"rejected": 2}, "skipped": 3,
     }
 
     status = status_json(job)
@@ -397,13 +399,13 @@ def test_status_and_the_summary_report_the_counts_of_the_output_file(tmp_path: P
     assert status["saved_in_partials"] == 0
     assert status["running"] == {}
     assert status["success_marker"] is True
-    for key in ("succeeded", "failed", "failed_by_class"):
+    for key in ("succeeded", "failed", "failed_by_class", "skipped"):
         assert status[key] == counts[key], key
 
     summary = summary_of(tmp_path)
     assert status["last_run"] == summary
     assert (summary["status"], summary["exit_code"], summary["total_rows"]) == ("complete_with_failed_rows", 3, 30)
-    for key in ("succeeded", "failed", "failed_by_class"):
+    for key in ("succeeded", "failed", "failed_by_class", "skipped"):
         assert summary[key] == counts[key], key
     assert summary["rows_answered_this_run"] == counts["succeeded"]
     assert summary["requests"] == requests
@@ -424,7 +426,7 @@ def test_status_and_the_summary_report_the_counts_of_the_output_file(tmp_path: P
     text = invoke("status", job)
     assert text.exit_code == 0
     assert "state:     complete\n" in text.stdout
-    assert "rows:      30 total, 30 done (25 succeeded, 5 failed: empty_prompt 3, rejected 2), 0 pending\n" in text.stdout
+    assert "rows:      30 total, 30 done (25 succeeded, 2 failed: rejected 2, 3 skipped), 0 pending\n" in text.stdout
     assert f"output:    {output_of(tmp_path)} (complete)\n" in text.stdout
     assert re.search(r"^last run:  complete_with_failed_rows \(exit 3\), ", text.stdout, re.M)
 

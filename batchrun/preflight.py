@@ -1,0 +1,115 @@
+"""Checks a run makes before its first request, shared with ``batchrun validate``: the output.
+
+Never destroy what batchrun did not write: the output path may not name an input file (directly,
+through a glob that would match it, a symlink, ``..`` or a hard link), and a file already at the
+output path is replaced only when this job's state records writing it, or when the user says so
+(``output.overwrite = true`` or ``--overwrite``). The output folder must be writable before any
+request is paid for.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import glob
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import RunState, storage_error
+from .errors import JobError, StorageError
+from .sink import output_identity
+
+if TYPE_CHECKING:
+    from .config import JobSpec
+
+OVERWRITE_HINT = "set output.overwrite = true in the job (or pass --overwrite) to replace it on purpose"
+
+
+def check_output_path(spec: JobSpec) -> None:
+    """Refuse an output path that is, or would be, one of the job's input files."""
+    out = spec.output_path
+    clash = next((f for f in spec.input_files if _same_file(f, out)), None)
+    if clash is not None:
+        raise JobError(
+            f"{spec.job_path}: output.path: {out} is an input file (input.path "
+            f"{spec.input_pattern!r} reads {clash}); the output would replace its own input: "
+            "choose another output path"
+        )
+    if _pattern_matches(spec.input_pattern, spec.job_path.parent, out):
+        raise JobError(
+            f"{spec.job_path}: output.path: {out} matches the input pattern {spec.input_pattern!r}; "
+            "the next run would read its own output as input: choose another output path or pattern"
+        )
+
+
+def check_output_owned(spec: JobSpec, state: RunState) -> None:
+    """Refuse a file at the output path that this job did not write, unless told to replace it."""
+    found = output_identity(spec.output_path)
+    if found is None or spec.overwrite_output or state.wrote_output(found):
+        return
+    raise JobError(
+        f"{spec.job_path}: output.path: {spec.output_path} already exists and this job did not "
+        f"write it (its run state in {state.root} has no record of it); move it away, or "
+        + OVERWRITE_HINT
+    )
+
+
+def check_output_writable(spec: JobSpec, *, create: bool) -> None:
+    """The output folder exists (``create``: is made) and takes files; ``StorageError`` (74) if not.
+
+    ``create`` makes the folder and writes and removes a probe file, which is the only proof that
+    holds for root and on read-only mounts alike. Without it (``validate`` writes nothing), the
+    nearest existing folder is asked with ``access(2)``, which sees modes and read-only mounts.
+    """
+    folder = spec.output_path.parent
+    if not create:
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write {folder}: the folder {existing} is not writable")
+        return
+    probe = folder / f".{spec.output_path.name}.tmp-{os.getpid()}-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise storage_error(exc, folder) from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)  # a hard link, or the same file reached another way
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        raise
+
+
+def _pattern_matches(pattern: str, base: Path, path: Path) -> bool:
+    """Whether ``glob.glob(pattern, recursive=True)`` (relative to ``base``) would list ``path``
+    if it existed. Components are matched one by one, so ``*`` never crosses a ``/``; the folder
+    before the first wildcard is resolved as the input's files are (symlinks, ``..``)."""
+    full = pattern if os.path.isabs(pattern) else os.path.join(base, pattern)
+    parts = Path(full).parts
+    first = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))
+    prefix = Path(*parts[:first]).resolve()
+    try:
+        rest = path.relative_to(prefix).parts
+    except ValueError:
+        return False
+    return _match_parts(parts[first:], rest)
+
+
+def _match_parts(pattern: tuple[str, ...], name: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not name
+    if pattern[0] == "**":
+        return any(_match_parts(pattern[1:], name[j:]) for j in range(len(name) + 1))
+    if pattern[0] == "..":
+        return False  # a wildcard folder followed by "..": too clever to follow; glob resolves it
+    return bool(name) and fnmatch.fnmatchcase(name[0], pattern[0]) and _match_parts(pattern[1:], name[1:])
