@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -47,27 +48,66 @@ def main() -> None:
     """
 
 
-def _boundary(debug: bool, fn, *args, **kwargs):
-    """Run a command body; turn batchrun's errors into a message and an exit code."""
+class _Console:
+    """The CLI's own last words: errors on stderr, the summary line on stdout; with
+    ``--log-format json`` each is one JSON object like every log line."""
+
+    def __init__(self, json_lines: bool = False) -> None:
+        self.json_lines = json_lines
+
+    def error(self, text: str) -> None:
+        if self.json_lines:
+            click.echo(_json_line("error", text), err=True)
+        else:
+            click.echo(f"batchrun: error: {text}", err=True)
+
+    def summary(self, summary) -> None:  # summary: runner.RunSummary
+        if self.json_lines:
+            click.echo(_json_line("info", summary.line(), summary=summary.to_dict()))
+        else:
+            click.echo(summary.line())
+
+
+def _json_line(level: str, message: str, **fields: object) -> str:
+    return json.dumps(
+        {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "level": level, "message": message, **fields},
+        sort_keys=True,
+    )
+
+
+def _boundary(debug: bool, fn, *args, console: _Console | None = None, cleanup=None, **kwargs):
+    """Run a command body; turn batchrun's errors into a message and an exit code.
+
+    A run that stops early still ends with its summary line (the error carries the summary).
+    ``cleanup`` (closing the progress bar) runs before anything is printed.
+    """
+    console = console or _Console()
     try:
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if cleanup is not None:
+                cleanup()
     except JobError as exc:
         for problem in exc.problems:
-            click.echo(f"batchrun: error: {problem}", err=True)
-        sys.exit(exc.exit_code)
+            console.error(problem)
+        code = exc.exit_code
     except BatchrunError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"batchrun: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        console.error(str(exc))
+        if exc.summary is not None:
+            console.summary(exc.summary)
+        code = exc.exit_code
     except KeyboardInterrupt:
-        click.echo("batchrun: interrupted; run the same command to resume", err=True)
-        sys.exit(130)
+        console.error("interrupted; run the same command to resume")
+        code = 130
     except Exception as exc:  # the one boundary: anything unplanned is still one clear line
         if debug:
             traceback.print_exc()
-        click.echo(f"batchrun: error: unexpected {exc.__class__.__name__}: {exc} (use --debug for a traceback)", err=True)
-        sys.exit(1)
+        console.error(f"unexpected {exc.__class__.__name__}: {exc} (use --debug for a traceback)")
+        code = 1
+    sys.exit(code)
 
 
 @main.command()
@@ -89,18 +129,17 @@ def run(
     overwrite: bool, debug: bool,
 ) -> None:
     """Run JOB, or resume it where it stopped."""
-    _setup_logging(quiet, debug, log_format)
+    handler = _setup_logging(quiet, debug, log_format)
     from .runner import run_job
 
-    progress = _ProgressDisplay(quiet=quiet, interval=log_interval, json_lines=log_format == "json")
-    try:
-        summary = _boundary(
-            debug, run_job, job, on_progress=progress.update, restart=restart, handle_signals=True,
-            shard=shard, overwrite=overwrite,
-        )
-    finally:
-        progress.close()
-    click.echo(summary.line())
+    console = _Console(log_format == "json")
+    progress = _ProgressDisplay(quiet=quiet, interval=log_interval)
+    handler.display = progress
+    summary = _boundary(
+        debug, run_job, job, console=console, cleanup=progress.close, on_progress=progress.update,
+        restart=restart, handle_signals=True, shard=shard, overwrite=overwrite,
+    )
+    console.summary(summary)
     sys.exit(summary.exit_code)
 
 
@@ -114,8 +153,9 @@ def merge(job: Path, overwrite: bool, debug: bool) -> None:
     _setup_logging(False, debug)
     from .runner import merge_job
 
-    summary = _boundary(debug, merge_job, job, overwrite=overwrite)
-    click.echo(summary.line())
+    console = _Console()
+    summary = _boundary(debug, merge_job, job, console=console, overwrite=overwrite)
+    console.summary(summary)
     sys.exit(summary.exit_code)
 
 
@@ -225,8 +265,25 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc, sort_keys=True)
 
 
-def _setup_logging(quiet: bool, debug: bool, fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class _LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines to stderr; while a progress bar is drawn, through tqdm, so a line never lands in
+    the middle of the bar (tqdm clears it, writes the line, and draws the bar again below)."""
+
+    display: _ProgressDisplay | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        bar = self.display.bar if self.display is not None else None
+        if bar is None:
+            super().emit(record)
+            return
+        try:
+            bar.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(quiet: bool, debug: bool, fmt: str = "text") -> _LogHandler:
+    handler = _LogHandler(sys.stderr)
     handler.setFormatter(
         _JsonFormatter()
         if fmt == "json"
@@ -235,16 +292,27 @@ def _setup_logging(quiet: bool, debug: bool, fmt: str = "text") -> None:
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    return handler
+
+
+def _draws_a_bar(stream) -> bool:
+    """A terminal that can show a bar: a tty with a size. A pty of 0x0 (some CI runners, a
+    container started before its terminal was sized) gets plain progress lines instead."""
+    if not stream.isatty():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError):
+        return False
 
 
 class _ProgressDisplay:
     """A tqdm bar on a terminal; a plain line every ``interval`` seconds otherwise (cron mail)."""
 
-    def __init__(self, quiet: bool, interval: float, json_lines: bool = False):
+    def __init__(self, quiet: bool, interval: float):
         self.quiet = quiet
-        self.json_lines = json_lines
         self.interval = interval
-        self.tty = sys.stderr.isatty()
+        self.tty = _draws_a_bar(sys.stderr)
         self.bar = None
         self.last_line = time.monotonic()
         self.first_done: int | None = None
@@ -277,3 +345,4 @@ class _ProgressDisplay:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -120,11 +120,17 @@ class RunSummary:
         retries = sum(self.retries_by_cause.values())
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_cause.items()))
         throttled = f", {self.throttle_wait_s:.1f}s throttled" if self.throttle_wait_s >= 0.05 else ""
+        # A run that stopped early wrote no output: say where it stands instead.
+        end = (
+            f"output: {self.output_path}"
+            if self.exit_code in (0, 3)
+            else f"stopped (exit {self.exit_code}), progress kept: run the same command to resume"
+        )
         return (
             f"batchrun: {self.status}: {self.succeeded}/{self.total_rows} rows succeeded{failed}; "
             f"{changed}this run answered {self.rows_answered_this_run} rows in {self.requests} requests "
             f"({retries} retries{': ' + causes if causes else ''}, {self.prompts_resent} prompts "
-            f"resent{throttled}) in {self.duration_s:.1f}s; output: {self.output_path}"
+            f"resent{throttled}) in {self.duration_s:.1f}s; {end}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,7 +180,9 @@ def run_job(
     except BatchrunError as exc:
         # A scheduler reading the summary of a run that stopped early sees the job's counts as
         # `status` reports them, as it does after a complete run.
-        _set_counts(summary, _saved_counts(state, part))
+        total, counts = _saved_counts(state, part)
+        summary.total_rows = summary.total_rows or total
+        _set_counts(summary, counts)
         summary.status = _failure_status(exc)
         summary.exit_code = exc.exit_code
         summary.message = str(exc)
@@ -225,14 +233,15 @@ def _run_engine(engine: Engine, signals: StopSignals | None) -> None:
         raise InterruptedRun(signals.fired)
 
 
-def _saved_counts(state: RunState, part: Shard | None) -> dict[str, Any]:
-    """The job's (or shard's) counts from the committed segments, read without changing anything."""
+def _saved_counts(state: RunState, part: Shard | None) -> tuple[int, dict[str, Any]]:
+    """The job's rows and its (or the shard's) counts from the committed segments, read without
+    changing anything."""
     plan = state.read_plan()
     if plan is None:
-        return _counts({})
+        return 0, _counts({})
     sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
     infos = state.scan_segments(sizes, remove_damaged=False)
-    return _counts({k: i for k, i in infos.items() if part is None or part.owns(k)})
+    return plan["rows"], _counts({k: i for k, i in infos.items() if part is None or part.owns(k)})
 
 
 def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSummary:

@@ -169,7 +169,8 @@ def test_an_endpoint_refusing_the_key_exits_4_with_a_message_about_the_key(tmp_p
         assert 1 <= refusing.log.requests <= 2
     assert result.exit_code == 4
     assert handled(result)
-    assert result.stdout == ""
+    assert result.stdout.startswith("batchrun: credentials_refused: 0/10 rows succeeded; ")
+    assert result.stdout.endswith("; stopped (exit 4), progress kept: run the same command to resume\n")
     assert result.stderr == (
         "batchrun: error: the endpoint refused the credentials (HTTP 401): check the API key "
         '({"message": "injected HTTP 401", "data": []})\n'
@@ -209,7 +210,7 @@ def test_changed_params_are_refused_pointing_at_restart_which_then_reruns(
     result = invoke(job)
     assert result.exit_code == 2
     assert handled(result)
-    assert result.stdout == ""
+    assert result.stdout.startswith("batchrun: state_mismatch: 10/10 rows succeeded; this run answered 0 rows in 0 requests")
     # The message shows the old and new values and the way out.
     assert result.stderr.startswith(
         "batchrun: error: this job has saved progress from a different input or settings: params: {"

@@ -248,7 +248,8 @@ def test_exit_74_on_a_storage_error_leaves_nothing_half_written_and_the_rerun_co
         job, rows = small_job(tmp_path, ep.url, n=40, run={"checkpoint_rows": 10})
         failed = cli(job, cwd=tmp_path, preexec_fn=small_files)
         assert failed.returncode == 74, failed.stderr
-        assert failed.stdout == ""
+        assert re.fullmatch(r"batchrun: storage_error: \d+/40 rows succeeded; .*; stopped \(exit 74\), "
+                            r"progress kept: run the same command to resume\n", failed.stdout), failed.stdout
         assert re.search(
             r"^batchrun: error: cannot write \S+: file too large for this filesystem or limit; free space and "
             r"run the same command$",
@@ -308,7 +309,12 @@ def test_exit_130_on_sigterm_with_progress_saved_and_the_rerun_resumes(tmp_path:
         proc.send_signal(signal.SIGTERM)
         code, out, err = finish(proc)
         assert code == 130, err
-        assert out == ""
+        # Even an interrupted run ends with its one summary line.
+        assert re.fullmatch(
+            r"batchrun: interrupted: \d+/200 rows succeeded; this run answered \d+ rows in \d+ requests "
+            r"\(.*\) in [\d.]+s; stopped \(exit 130\), progress kept: run the same command to resume\n",
+            out,
+        ), out
         assert err.endswith(
             "batchrun: error: interrupted by SIGTERM: progress saved; run the same command to resume\n"
         ), err
@@ -729,7 +735,11 @@ def test_json_log_format_gives_one_json_object_per_line_with_progress_counts(tmp
         job, _ = small_job(tmp_path, ep.url, n=20, run={"batch_size": 2, "concurrency": 1})
         result = invoke(job, "--log-format", "json", "--log-interval", "0.1")
     assert result.exit_code == 3, result.output
-    assert result.stdout.startswith("batchrun: complete_with_failed_rows: 19/20 rows succeeded, 1 failed")
+    # Every line is JSON, the summary line too: its message is the text line, its fields the summary.
+    [last] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert last["level"] == "info"
+    assert last["message"].startswith("batchrun: complete_with_failed_rows: 19/20 rows succeeded, 1 failed")
+    assert (last["summary"]["exit_code"], last["summary"]["failed"], last["summary"]["total_rows"]) == (3, 1, 20)
     docs = [json.loads(line) for line in result.stderr.splitlines()]
     for doc in docs:
         assert {"time", "level", "message"} <= set(doc), doc
