@@ -201,25 +201,18 @@ def status(job: Path, as_json: bool, debug: bool) -> None:
 
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--overwrite", is_flag=True,
+              help="As for run: a file at output.path that this job did not write may be replaced.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def validate(job: Path, debug: bool) -> None:
-    """Check JOB and print its plan, without sending anything."""
+def validate(job: Path, overwrite: bool, debug: bool) -> None:
+    """Check JOB as run would before its first request, and print its plan; sends and writes nothing."""
     _setup_logging(False, debug)
-    _boundary(debug, _validate, job)
+    from .preflight import validate_job
 
-
-def _validate(job: Path) -> None:
-    from . import source
-    from .checkpoint import RunState
-    from .config import load_job
-    from .runner import _api_key
-
-    spec = load_job(job)
-    _api_key(spec)
-    rows = source.count_rows_and_check_ids(spec)
+    found = _boundary(debug, validate_job, job, overwrite=overwrite)
+    spec, rows = found.spec, found.rows
     b, c = spec.run.batch_size, spec.run.concurrency
     prompt = f"column {spec.prompt_column!r}" if spec.prompt_column else f"template {spec.template!r}"
-    state = RunState(spec.state_dir).read_plan()
     lines = [
         f"job:          {spec.job_path}",
         f"input:        {len(spec.input_files)} {spec.input_format} file(s), {rows} rows, "
@@ -229,7 +222,7 @@ def _validate(job: Path) -> None:
         f"params:       {spec.params or '(endpoint defaults)'}",
         f"requests:     up to {math.ceil(rows / b)} of {b} prompts, at most {c} in flight",
         f"output:       {spec.output_path}",
-        f"state:        {spec.state_dir} ({'has saved progress' if state else 'new run'})",
+        f"state:        {spec.state_dir} ({'has saved progress' if found.saved_progress else 'new run'})",
     ]
     click.echo("\n".join(lines))
     click.echo("batchrun: job is valid")

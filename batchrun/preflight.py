@@ -14,9 +14,11 @@ import fnmatch
 import glob
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import source
 from .checkpoint import RunState, storage_error
 from .errors import JobError, StorageError
 from .sink import output_identity
@@ -25,6 +27,19 @@ if TYPE_CHECKING:
     from .config import JobSpec
 
 OVERWRITE_HINT = "set output.overwrite = true in the job (or pass --overwrite) to replace it on purpose"
+
+
+def read_api_key(spec: JobSpec) -> str | None:
+    """The key from the variable the job names; an unset or empty variable is an error naming it."""
+    if spec.api_key_env is None:
+        return None
+    value = os.environ.get(spec.api_key_env)
+    if not value:
+        raise JobError(
+            f"{spec.job_path}: endpoint.api_key_env: environment variable "
+            f"{spec.api_key_env} is not set (it should hold the endpoint's API key)"
+        )
+    return value
 
 
 def check_output_path(spec: JobSpec) -> None:
@@ -113,3 +128,33 @@ def _match_parts(pattern: tuple[str, ...], name: tuple[str, ...]) -> bool:
     if pattern[0] == "..":
         return False  # a wildcard folder followed by "..": too clever to follow; glob resolves it
     return bool(name) and fnmatch.fnmatchcase(name[0], pattern[0]) and _match_parts(pattern[1:], name[1:])
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What ``batchrun validate`` found: the job, its rows, and whether it has saved progress."""
+
+    spec: JobSpec
+    rows: int
+    saved_progress: bool
+
+
+def validate_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> Validation:
+    """Every check ``run_job`` makes before its first request, without sending or writing anything.
+
+    Raises the error the run would raise (``JobError``/``StateError`` exit 2, ``StorageError`` 74).
+    """
+    from .config import JobSpec, load_job
+
+    spec = job if isinstance(job, JobSpec) else load_job(job)
+    if overwrite:
+        spec = spec.model_copy(update={"overwrite_output": True})
+    read_api_key(spec)
+    check_output_path(spec)
+    check_output_writable(spec, create=False)
+    state = RunState(spec.state_dir)
+    check_output_owned(spec, state)
+    rows = source.count_rows_and_check_ids(spec)
+    if rows == 0:
+        raise JobError(f"{spec.job_path}: input.path: the input has no rows")
+    return Validation(spec, rows, state.read_plan() is not None)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ from .errors import (
 )
 from .incremental import carry_forward
 from .memory import release_free_memory
-from .preflight import check_output_owned, check_output_path, check_output_writable
+from .preflight import check_output_owned, check_output_path, check_output_writable, read_api_key
 from .sink import merge_kind, output_identity, write_output
 
 log = logging.getLogger("batchrun")
@@ -162,7 +161,7 @@ def run_job(
     if restart and part is not None:
         raise JobError("--restart discards the progress of every shard; run it once without --shard")
     check_output_path(spec)
-    api_key = _api_key(spec)
+    api_key = read_api_key(spec)
     check_output_writable(spec, create=True)
     state = RunState(spec.state_dir)
     summary = RunSummary(
@@ -514,18 +513,6 @@ def _account(summary: RunSummary, engine: Engine) -> None:
         summary.retries_by_cause[cause] = summary.retries_by_cause.get(cause, 0) + n
     summary.throttle_wait_s += acc.throttle_wait_s
     summary.rows_answered_this_run += engine.answered
-
-
-def _api_key(spec: JobSpec) -> str | None:
-    if spec.api_key_env is None:
-        return None
-    value = os.environ.get(spec.api_key_env)
-    if not value:
-        raise JobError(
-            f"{spec.job_path}: endpoint.api_key_env: environment variable "
-            f"{spec.api_key_env} is not set (it should hold the endpoint's API key)"
-        )
-    return value
 
 
 def _segment_sizes(rows: int, seg_rows: int) -> dict[int, int]:
