@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import csvinput
 from .errors import JobError
+from .iddigests import IdDigests
 
 if TYPE_CHECKING:
     from .config import JobSpec
 
 PARQUET_BUFFER_BYTES = 1 << 20
-CSV_FIRST_BLOCK_BYTES = 256 << 10
 # Files up to this size are hashed whole; larger ones by their head and tail (a full hash of tens
 # of GB on every resume would cost minutes; a changed row is still caught by its prompt hash).
 _FINGERPRINT_WHOLE = 64 << 20
@@ -84,45 +82,11 @@ def read_columns(files: Sequence[Path], fmt: str) -> list[str]:
 
 def _column_names(path: Path, fmt: str) -> list[str]:
     if fmt == "csv":
-        return _csv_header(path)
+        return csvinput.header(path)
     try:
         return pq.read_schema(path).names
     except (pa.ArrowInvalid, OSError) as exc:
         raise JobError(f"cannot read {path.name} as parquet: {exc}") from None
-
-
-def _open_csv(path: Path, columns: Sequence[str] | None, block_bytes: int) -> pacsv.CSVStreamingReader:
-    # Every CSV column is read as text: a type guessed from the first block can turn out wrong
-    # millions of rows later, and CSV carries text anyway. Nothing is lost; nothing is guessed.
-    names = _csv_header(path)
-    return pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=block_bytes),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names},
-            include_columns=list(columns) if columns is not None else None,
-            strings_can_be_null=False,
-            quoted_strings_can_be_null=False,
-        ),
-    )
-
-
-def _csv_header(path: Path) -> list[str]:
-    # surrogateescape: the file is decoded ahead of the header line, and a bad byte further on
-    # is the rows' problem (reported with them when they are read), not the header's.
-    try:
-        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-            names = next(csv.reader(fh), [])
-    except csv.Error as exc:
-        raise JobError(f"{path.name}: cannot parse the CSV header: {exc}") from None
-    if not names:
-        raise JobError(f"{path.name} is empty: a CSV input needs a header row")
-    try:
-        "".join(names).encode("utf-8")
-    except UnicodeEncodeError:
-        raise JobError(f"{path.name}: the header is not UTF-8 text") from None
-    return names
 
 
 def iter_batches(
@@ -137,24 +101,19 @@ def iter_batches(
             if spec.input_format == "parquet":
                 batches, skip = _parquet_batches(f, columns, chunk_rows, skip)
             else:
-                batches = _csv_batches(f, columns, spec.csv_block_bytes)
+                batches = csvinput.batches(f, columns, spec.csv_block_bytes)
             for batch in batches:
                 part, skip = _drop_head(batch, skip)
                 if part is not None:
                     yield part
         except pa.ArrowInvalid as exc:
-            if _straddles(exc):
+            if csvinput.straddles(exc):
                 raise JobError(
                     f"{f.name}: a CSV row is longer than input.csv_max_row_mb "
                     f"({spec.csv_block_bytes / (1 << 20):g} MB); raise it for this input "
                     "(memory use grows about 40 times as much)"
                 ) from None
             raise JobError(f"cannot read {f.name} as {spec.input_format}: {exc}") from None
-
-
-def _straddles(exc: pa.ArrowInvalid) -> bool:
-    """Whether pyarrow's CSV reader failed on a row longer than its block ("straddling" is its word)."""
-    return "straddl" in str(exc)
 
 
 def _drop_head(batch: pa.RecordBatch, skip: int) -> tuple[pa.RecordBatch | None, int]:
@@ -192,34 +151,6 @@ def _parquet_batches(
             pf.close()
 
     return batches(), skip
-
-
-def _csv_batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Iterator[pa.RecordBatch]:
-    """A CSV file's batches, read in small blocks, grown only for an input whose rows need it.
-
-    pyarrow's streaming reader reads ahead 32 blocks in the background, so memory grows with
-    the block, and the block bounds the longest row it can parse. Reading starts at 256 KB;
-    a row that does not fit makes the file be read again from its start with a block four
-    times larger (up to ``max_block``), skipping the rows already yielded.
-    """
-    block = min(CSV_FIRST_BLOCK_BYTES, max_block)
-    done = 0
-    while True:
-        reader = _open_csv(path, columns, block)
-        skip = done
-        try:
-            for batch in reader:
-                part, skip = _drop_head(batch, skip)
-                if part is not None:
-                    done += part.num_rows
-                    yield part
-            return
-        except pa.ArrowInvalid as exc:
-            if not _straddles(exc) or block >= max_block:
-                raise
-            block = min(block * 4, max_block)
-        finally:
-            reader.close()
 
 
 def iter_segments(
@@ -320,7 +251,7 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
         return sum(pq.ParquetFile(f).metadata.num_rows for f in spec.input_files)
     cols = [spec.id_column] if spec.id_column else [spec.columns[0]]
     total = 0
-    with _IdDigests() as digests:
+    with IdDigests() as digests:
         for batch in iter_batches(spec, cols):
             total += batch.num_rows
             if spec.id_column:
@@ -336,73 +267,6 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
     if clash.size:
         _refuse_duplicate_ids(spec, clash)
     return total
-
-
-class _IdDigests:
-    """64-bit digests of every id, to find repeated ones in bounded memory.
-
-    Up to ``_IDS_IN_MEMORY`` digests are kept in memory (8 bytes each); past that they are
-    spilled into ``_ID_PARTS`` temporary files by their top bits, and each file is checked on its
-    own, so a 100M-row input needs 800 MB of temporary disk but only 1/64 of that in memory.
-    """
-
-    def __init__(self) -> None:
-        self._held: list[np.ndarray] = []
-        self._count = 0
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
-        self._parts: list[Any] = []
-
-    def __enter__(self) -> _IdDigests:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for f in self._parts:
-            f.close()
-        if self._dir is not None:
-            self._dir.cleanup()
-
-    def add(self, digests: np.ndarray) -> None:
-        self._held.append(digests.astype(np.uint64, copy=False))
-        self._count += digests.size
-        if self._count > _IDS_IN_MEMORY:
-            self._spill()
-
-    def _spill(self) -> None:
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="batchrun-ids-")
-            self._parts = [open(Path(self._dir.name) / f"{p:02d}", "wb") for p in range(_ID_PARTS)]
-        for digests in self._held:
-            part = (digests >> np.uint64(64 - _ID_PART_BITS)).astype(np.intp)
-            order = np.argsort(part, kind="stable")
-            bounds = np.cumsum(np.bincount(part, minlength=_ID_PARTS))
-            ordered = digests[order]
-            lo = 0
-            for p, hi in enumerate(bounds):
-                if hi > lo:
-                    ordered[lo:hi].tofile(self._parts[p])
-                lo = hi
-        self._held, self._count = [], 0
-
-    def repeated(self) -> np.ndarray:
-        """The digests seen more than once."""
-        if self._dir is None:
-            return _repeated(np.concatenate(self._held) if self._held else np.empty(0, np.uint64))
-        self._spill()
-        found = []
-        for f in self._parts:
-            f.close()
-            found.append(_repeated(np.fromfile(f.name, dtype=np.uint64)))
-        return np.concatenate(found)
-
-
-_IDS_IN_MEMORY = 2_000_000
-_ID_PART_BITS = 6
-_ID_PARTS = 1 << _ID_PART_BITS
-
-
-def _repeated(digests: np.ndarray) -> np.ndarray:
-    digests.sort()
-    return np.unique(digests[1:][digests[1:] == digests[:-1]])
 
 
 def _refuse_duplicate_ids(spec: JobSpec, clash: np.ndarray) -> None:

@@ -366,9 +366,9 @@ def test_the_id_check_spilled_to_disk_for_a_big_input_finds_duplicates_across_fi
     """Past ``_IDS_IN_MEMORY`` ids the digests go to temporary partition files: a duplicate in
     the first and the last of three files is still found, unique ids still pass, and the
     temporary files are gone either way."""
-    from batchrun import source
+    from batchrun import iddigests
 
-    monkeypatch.setattr(source, "_IDS_IN_MEMORY", 500)
+    monkeypatch.setattr(iddigests, "_IDS_IN_MEMORY", 500)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(scratch))
