@@ -60,9 +60,11 @@ def batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Iterat
     block = min(FIRST_BLOCK_BYTES, max_block)
     done = 0
     while True:
-        reader = _open(path, columns, block)
+        reader = None
         skip = done
         try:
+            # Opening reads the first block: a first row longer than it fails here already.
+            reader = _open(path, columns, block)
             for batch in reader:
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows
@@ -76,7 +78,8 @@ def batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Iterat
                 raise
             block = min(block * 4, max_block)
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
 
 
 def straddles(exc: pa.ArrowInvalid) -> bool:

@@ -565,6 +565,19 @@ def test_a_field_longer_than_csv_max_row_mb_is_refused_naming_the_key_and_raisin
     assert_exact(tmp_path / "out" / "result.parquet", rows)
 
 
+def test_a_first_csv_row_longer_than_the_first_block_is_read_by_growing_the_block(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    """Opening pyarrow's reader already parses the first block: a 1 MB first row failed there,
+    outside the retry with a larger block, and was refused as longer than csv_max_row_mb (16)."""
+    rows = prompt_rows(20)
+    rows[0]["prompt"] = "long " * (200 * 1024)
+    write_csv(tmp_path / "input.csv", rows)
+    job = write_job(tmp_path, endpoint.url)
+    assert run_job(job).exit_code == 0
+    assert_exact(tmp_path / "out" / "result.parquet", rows)
+
+
 def test_invalid_utf8_in_a_csv_row_is_refused_with_exit_2_and_no_output(tmp_path: Path, endpoint: LiveEndpoint) -> None:
     rows = prompt_rows(30)
     write_csv(tmp_path / "input.csv", rows)
