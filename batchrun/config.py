@@ -233,7 +233,7 @@ def _resolve(
 ) -> JobSpec | None:
     """Check what needs several keys or the input itself; add to ``problems``; build the spec."""
     # Imported here so that loading a job's syntax never pulls in pyarrow.
-    from . import source
+    from . import inputcheck, source
 
     base = job_path.parent
     inp: InputSection | None = sections.get("input")
@@ -286,7 +286,7 @@ def _resolve(
     try:
         files = tuple(source.resolve_input(inp.path, base))
         fmt = inp.format or source.detect_format(files)
-        columns = tuple(source.read_columns(files, fmt))
+        columns = tuple(inputcheck.read_schema(files, fmt).names)
     except JobError as exc:
         problems += [f"{where}: input.path: {p}" for p in exc.problems]
     if columns:

@@ -23,6 +23,8 @@ def header(path: Path) -> list[str]:
             names = next(csv.reader(fh), [])
     except csv.Error as exc:
         raise JobError(f"{path.name}: cannot parse the CSV header: {exc}") from None
+    except OSError as exc:
+        raise JobError(f"cannot read {path.name} as csv: {exc.strerror or exc}") from None
     if not names:
         raise JobError(f"{path.name} is empty: a CSV input needs a header row")
     try:

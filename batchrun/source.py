@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,15 @@ def resolve_input(pattern: str, base: Path) -> list[Path]:
     """The input files a pattern names, relative to ``base``, sorted so positions are stable."""
     full = pattern if os.path.isabs(pattern) else str(base / pattern)
     if glob.has_magic(full):
-        files = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
-        files = [p for p in files if p.is_file()]
+        found = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
+        files = [p for p in found if p.is_file()]
         if not files:
-            raise JobError(f"no file matches {pattern!r} (looked in {base})")
+            dirs = " (it matches only directories)" if found else ""
+            raise JobError(f"no file matches {pattern!r}{dirs} (looked in {base})")
         return files
     path = Path(full).resolve()
+    if path.is_dir():
+        raise JobError(f"{path} is a directory; name a file, or a glob such as '{pattern.rstrip('/')}/*.parquet'")
     if not path.is_file():
         raise JobError(f"input file not found: {path}")
     return [path]
@@ -62,41 +66,23 @@ def detect_format(files: Sequence[Path]) -> str:
     return kinds.pop()
 
 
-def read_columns(files: Sequence[Path], fmt: str) -> list[str]:
-    """The input's column names; every file of a glob must have the same ones, in order."""
-    first: list[str] | None = None
-    for f in files:
-        cols = _column_names(f, fmt)
-        if first is None:
-            first = cols
-        elif cols != first:
-            raise JobError(
-                f"{f.name} has columns {cols}, but {files[0].name} has {first}; "
-                "every input file must have the same columns"
-            )
-    if first is not None and len(set(first)) != len(first):
-        dup = sorted({c for c in first if first.count(c) > 1})
-        raise JobError(f"the input has duplicate column names: {dup}")
-    return first or []
-
-
-def _column_names(path: Path, fmt: str) -> list[str]:
-    if fmt == "csv":
-        return csvinput.header(path)
-    try:
-        return pq.read_schema(path).names
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise JobError(f"cannot read {path.name} as parquet: {exc}") from None
-
-
 def iter_batches(
     spec: JobSpec, columns: Sequence[str] | None, chunk_rows: int = 65536, *, start_row: int = 0
 ) -> Iterator[pa.RecordBatch]:
     """Stream the input's rows from ``start_row`` on, in order, chunk by chunk, never holding the
     whole input. Parquet skips to ``start_row`` by its metadata without reading what lies before;
-    CSV has no index, so the rows before it are parsed and dropped."""
+    CSV has no index, so the rows before it are parsed and dropped.
+
+    The one reader of the input: whatever pyarrow raises over a file's bytes (a damaged page, a
+    truncated file, text that is not UTF-8) becomes a ``JobError`` naming the file here, and
+    where it can the column and row.
+    """
     skip = start_row
+    row = start_row  # the input row of the next row yielded
+    # A glob's files may disagree on a column's nullability, which Arrow would refuse to join.
+    conform = spec.input_format == "parquet" and len(spec.input_files) > 1
     for f in spec.input_files:
+        file_start = row - skip
         try:
             if spec.input_format == "parquet":
                 batches, skip = _parquet_batches(f, columns, chunk_rows, skip)
@@ -105,15 +91,106 @@ def iter_batches(
             for batch in batches:
                 part, skip = _drop_head(batch, skip)
                 if part is not None:
+                    if spec.input_format == "parquet":
+                        # pyarrow's Parquet reader does not check that strings are UTF-8 (its
+                        # CSV reader does); polars aborts the process on such a string.
+                        part = _checked(part, f, row - file_start)
+                        part = _nullable(part) if conform else part
+                    row += part.num_rows
                     yield part
+        except pa.ArrowMemoryError:
+            raise
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(spec, f, columns, exc, row - file_start, chunk_rows) from None
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (pyarrow's span several)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return " ".join(text.split()) or exc.__class__.__name__
+
+
+def _unreadable(
+    spec: JobSpec, path: Path, columns: Sequence[str] | None, exc: BaseException, at: int, span: int
+) -> JobError:
+    """The error for a file that failed to read at or after its row ``at``."""
+    if isinstance(exc, pa.ArrowInvalid) and csvinput.straddles(exc):
+        return JobError(
+            f"{path.name}: a CSV row is longer than input.csv_max_row_mb "
+            f"({spec.csv_block_bytes / (1 << 20):g} MB); raise it for this input "
+            "(memory use grows about 40 times as much)"
+        )
+    where = ""
+    if spec.input_format == "parquet":
+        found = _find_damage(path, columns, at, span)
+        if found is not None:
+            name, group, lo, hi = found
+            where = f" (column {name!r}, row group {group}: rows {lo}-{hi - 1} of the file)"
+    return JobError(f"cannot read {path.name} as {spec.input_format}{where}: {one_line(exc)}")
+
+
+def _find_damage(
+    path: Path, columns: Sequence[str] | None, at: int, span: int
+) -> tuple[str, int, int, int] | None:
+    """The first column and row group that fail to read alone, among the row groups a failed
+    read of ``span`` rows from row ``at`` touched; None if none does (or the footer itself fails)."""
+    try:
+        pf = _open_parquet(path)
+    except (pa.ArrowException, OSError):
+        return None
+    try:
+        meta = pf.metadata
+        names = list(columns) if columns else pf.schema_arrow.names
+        lo = 0
+        for group in range(meta.num_row_groups):
+            hi = lo + meta.row_group(group).num_rows
+            if hi > at and lo < at + span:
+                for name in names:
+                    try:
+                        for _ in pf.iter_batches(batch_size=4096, row_groups=[group], columns=[name]):
+                            pass
+                    except (pa.ArrowException, OSError):
+                        return name, group, lo, hi
+            lo = hi
+        return None
+    finally:
+        pf.close()
+
+
+def _checked(batch: pa.RecordBatch, path: Path, row: int) -> pa.RecordBatch:
+    """``batch`` (rows from ``row`` of its file on) if its values are valid (every string UTF-8,
+    every offset in bounds); else a ``JobError`` naming the file, column and, for text, the row."""
+    try:
+        batch.validate(full=True)
+        return batch
+    except pa.ArrowInvalid:
+        pass
+    for field, column in zip(batch.schema, batch.columns):
+        try:
+            column.validate(full=True)
         except pa.ArrowInvalid as exc:
-            if csvinput.straddles(exc):
+            reason = one_line(exc)
+            found = re.search(r"UTF8 sequence at string index (\d+)", reason)
+            if found is None:
                 raise JobError(
-                    f"{f.name}: a CSV row is longer than input.csv_max_row_mb "
-                    f"({spec.csv_block_bytes / (1 << 20):g} MB); raise it for this input "
-                    "(memory use grows about 40 times as much)"
+                    f"cannot read {path.name} as parquet: column {field.name!r} holds invalid "
+                    f"values in rows {row}-{row + batch.num_rows - 1} of the file ({reason})"
                 ) from None
-            raise JobError(f"cannot read {f.name} as {spec.input_format}: {exc}") from None
+            at = ""
+            if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+                at = f" at row {row + int(found[1])} of the file"
+            raise JobError(
+                f"{path.name}: column {field.name!r} holds text that is not UTF-8{at}; "
+                "Parquet strings must be UTF-8"
+            ) from None
+    return batch
+
+
+def _nullable(batch: pa.RecordBatch) -> pa.RecordBatch:
+    if all(f.nullable for f in batch.schema):
+        return batch
+    schema = pa.schema([f.with_nullable(True) for f in batch.schema], metadata=batch.schema.metadata)
+    return pa.RecordBatch.from_arrays(batch.columns, schema=schema)
 
 
 def _drop_head(batch: pa.RecordBatch, skip: int) -> tuple[pa.RecordBatch | None, int]:
@@ -129,10 +206,7 @@ def _parquet_batches(
 ) -> tuple[Iterator[pa.RecordBatch], int]:
     """Batches of one Parquet file from its first row group holding row ``skip``, and how many
     rows of what they yield are still to skip."""
-    # pre_buffer (pyarrow's default) keeps every row group read until the file is closed: a
-    # 3 GB input held 2.6 GB by its end. buffer_size streams each column chunk page by page
-    # instead of reading it whole (a row group of wide rows can be gigabytes).
-    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+    pf = _open_parquet(path)
     meta = pf.metadata
     first = 0
     while first < meta.num_row_groups and skip >= meta.row_group(first).num_rows:
@@ -151,6 +225,16 @@ def _parquet_batches(
             pf.close()
 
     return batches(), skip
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    # pre_buffer (pyarrow's default) keeps every row group read until the file is closed: a
+    # 3 GB input held 2.6 GB by its end. buffer_size streams each column chunk page by page
+    # instead of reading it whole (a row group of wide rows can be gigabytes). Pages written
+    # with a checksum are checked against it: without, a damaged page can decode to other values.
+    return pq.ParquetFile(
+        path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES, page_checksum_verification=True
+    )
 
 
 def iter_segments(
@@ -248,7 +332,7 @@ def id_strings(table: pa.Table, column: str) -> list[str | None]:
 def count_rows_and_check_ids(spec: JobSpec) -> int:
     """Count the input's rows; with an id column, refuse null or duplicate ids, naming some."""
     if spec.input_format == "parquet" and spec.id_column is None:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in spec.input_files)
+        return sum(_parquet_rows(spec, f) for f in spec.input_files)
     cols = [spec.id_column] if spec.id_column else [spec.columns[0]]
     total = 0
     with IdDigests() as digests:
@@ -267,6 +351,13 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
     if clash.size:
         _refuse_duplicate_ids(spec, clash)
     return total
+
+
+def _parquet_rows(spec: JobSpec, path: Path) -> int:
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(spec, path, None, exc, 0, 0) from None
 
 
 def _refuse_duplicate_ids(spec: JobSpec, clash: np.ndarray) -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import prompt_rows, write_csv, write_job
+from conftest import invoke, prompt_rows, write_csv, write_job
 
 from batchrun.config import RESULT_COLUMNS, load_job
 from batchrun.errors import JobError
@@ -397,6 +399,46 @@ def test_a_header_that_is_not_utf8_is_refused_but_a_bad_byte_in_a_row_is_left_to
     assert problems_of(job) == [f"{job}: input.path: input.csv: the header is not UTF-8 text"]
     (tmp_path / "input.csv").write_bytes(b"id,prompt\nr1,hel\xfflo\n")
     assert load_job(job).columns == ("id", "prompt")
+
+
+def refusal(job: Path) -> list[str]:
+    """``batchrun validate``'s message lines for ``job``, which it must refuse with exit 2 and no
+    traceback."""
+    result = invoke("validate", job)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.stderr.splitlines()
+
+
+def test_an_input_path_that_is_a_directory_says_so_not_not_found(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    job = job_with(tmp_path, input_path="data")
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.path: {tmp_path / 'data'} is a directory; name a file, "
+        "or a glob such as 'data/*.parquet'"
+    ]
+
+
+def test_a_glob_that_matches_only_directories_says_no_file_matches(tmp_path: Path) -> None:
+    (tmp_path / "data" / "2024.csv").mkdir(parents=True)
+    job = job_with(tmp_path, input_path="data/*.csv")
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.path: no file matches 'data/*.csv' (it matches only "
+        f"directories) (looked in {tmp_path})"
+    ]
+
+
+def test_a_parquet_glob_whose_files_type_a_column_differently_is_refused_naming_both(tmp_path: Path) -> None:
+    """Only names were compared: the run then failed joining the files' rows (exit 1)."""
+    (tmp_path / "data").mkdir()
+    rows = prompt_rows(2)
+    pq.write_table(pa.table({"id": [1, 2], "prompt": [r["prompt"] for r in rows]}), tmp_path / "data" / "a.parquet")
+    pq.write_table(pa.table({"id": ["3", "4"], "prompt": [r["prompt"] for r in rows]}), tmp_path / "data" / "b.parquet")
+    job = job_with(tmp_path, input_path="data/*.parquet")
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.path: column 'id' is int64 in a.parquet but string in "
+        "b.parquet; every input file must give a column the same type"
+    ]
 
 
 def test_output_path_must_be_parquet(folder: Path) -> None:

@@ -1,0 +1,156 @@
+"""Hostile inputs found while planning or mid-run, through the CLI: each refusal exits 2 with
+one line naming the file (and the column and row where known)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import Result
+from conftest import assert_exact, invoke, prompt_rows, write_job
+from endpoint import LiveEndpoint
+
+
+def refused(result: Result) -> str:
+    """The first line of a refusal, which must exit 2 with no traceback and no output written."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.stderr.splitlines()[0]
+
+
+def rows_table(n: int) -> pa.Table:
+    return pa.Table.from_pylist(prompt_rows(n))
+
+
+def write_parquet(path: Path, table: pa.Table, **options: Any) -> Path:
+    pq.write_table(table, path, **options)
+    return path
+
+
+def damage(path: Path, row_group: int, column: str) -> None:
+    """Overwrite 8 bytes in the middle of one column chunk's data pages, as a bad disk would."""
+    meta = pq.read_metadata(path)
+    index = meta.schema.names.index(column)
+    chunk = meta.row_group(row_group).column(index)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    at = start + chunk.total_compressed_size // 2
+    data = bytearray(path.read_bytes())
+    data[at : at + 8] = bytes(b ^ 0x5A for b in data[at : at + 8])
+    path.write_bytes(bytes(data))
+
+
+def with_bad_utf8(table: pa.Table, column: str, row: int) -> pa.Table:
+    """``table`` with the text at ``row`` of ``column`` holding bytes that are not UTF-8, typed
+    string all the same (as a buggy writer leaves them)."""
+    values = [v.encode() for v in table.column(column).to_pylist()]
+    values[row] = b"Prompt \xff\xfe broken"
+    raw = pa.array(values, pa.binary())
+    text = pa.Array.from_buffers(pa.string(), len(values), raw.buffers())
+    return table.set_column(table.schema.get_field_index(column), column, text)
+
+
+# --- damaged Parquet -------------------------------------------------------------------------
+
+
+def test_a_damaged_page_with_a_checksum_is_refused_mid_run_naming_file_column_and_rows(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    """Uncompressed pages still decode when damaged: without checking the page checksums the
+    altered prompts would be sent. With them, the run stops at the damage (exit 2), after
+    answering the rows before it."""
+    write_parquet(
+        tmp_path / "input.parquet", rows_table(3000), row_group_size=1000,
+        compression="none", use_dictionary=False, write_page_checksum=True,
+    )
+    damage(tmp_path / "input.parquet", 2, "prompt")
+    job = write_job(tmp_path, endpoint.url, input_path="input.parquet", input={"id_column": None},
+                    run={"checkpoint_rows": 250})
+    assert refused(invoke(job)).startswith(
+        "batchrun: error: cannot read input.parquet as parquet (column 'prompt', row group 2: "
+        "rows 2000-2999 of the file): could not verify page integrity, CRC checksum verification failed"
+    )
+    assert endpoint.log.requests > 0, "the damage was to be found mid-run"
+    assert "Prompt \ufffd" not in "".join(endpoint.log.prompts_received)
+    assert not (tmp_path / "out" / "result.parquet").exists()
+    assert not (tmp_path / "out" / "result.parquet.SUCCESS").exists()
+
+
+def test_a_damaged_compressed_page_without_checksums_is_refused_naming_file_column_and_rows(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    write_parquet(tmp_path / "input.parquet", rows_table(3000), row_group_size=1000, compression="snappy")
+    damage(tmp_path / "input.parquet", 2, "prompt")
+    job = write_job(tmp_path, endpoint.url, input_path="input.parquet", input={"id_column": None},
+                    run={"checkpoint_rows": 250})
+    assert refused(invoke(job)) == (
+        "batchrun: error: cannot read input.parquet as parquet (column 'prompt', row group 2: "
+        "rows 2000-2999 of the file): Corrupt snappy compressed data."
+    )
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+def test_a_truncated_parquet_file_is_refused_naming_it(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "input.parquet", rows_table(100))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    job = write_job(tmp_path, "builtin", input_path="input.parquet")
+    assert refused(invoke(job)) == (
+        f"batchrun: error: {job}: input.path: cannot read input.parquet as parquet: Parquet magic "
+        "bytes not found in footer. Either the file is corrupted or this is not a parquet file."
+    )
+
+
+# --- text that is not UTF-8 ------------------------------------------------------------------
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_mid_run_naming_file_column_and_row(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    """pyarrow's Parquet reader does not check UTF-8; rendering such a prompt raised
+    UnicodeDecodeError (exit 1)."""
+    table = with_bad_utf8(rows_table(3000), "prompt", 2345)
+    write_parquet(tmp_path / "input.parquet", table, row_group_size=1000)
+    job = write_job(tmp_path, endpoint.url, input_path="input.parquet", run={"checkpoint_rows": 250})
+    assert refused(invoke(job)) == (
+        "batchrun: error: input.parquet: column 'prompt' holds text that is not UTF-8 at row 2345 "
+        "of the file; Parquet strings must be UTF-8"
+    )
+    assert endpoint.log.requests > 0, "the bad row was to be found mid-run"
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+def test_an_id_that_is_not_utf8_is_refused_while_planning_naming_the_file_and_row(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    """polars aborts on such a string (a PanicException, which no ``except Exception`` catches)."""
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_parquet(parts / "part-1.parquet", rows_table(40))
+    write_parquet(parts / "part-2.parquet", with_bad_utf8(pa.Table.from_pylist(prompt_rows(40, start=40)), "id", 17))
+    job = write_job(tmp_path, endpoint.url, input_path="parts/*.parquet")
+    assert refused(invoke(job)) == (
+        "batchrun: error: part-2.parquet: column 'id' holds text that is not UTF-8 at row 17 of the "
+        "file; Parquet strings must be UTF-8"
+    )
+    assert endpoint.log.requests == 0
+
+
+# --- types and globs -------------------------------------------------------------------------
+
+
+def test_a_glob_whose_files_disagree_only_on_nullability_is_answered_exactly(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    """One writer declares its columns not null, another does not; Arrow refused to put their
+    rows in one table (exit 1)."""
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    first, second = prompt_rows(30), prompt_rows(30, start=30)
+    strict = pa.schema([pa.field(c, pa.string(), nullable=False) for c in first[0]])
+    write_parquet(parts / "part-1.parquet", pa.Table.from_pylist(first, schema=strict))
+    write_parquet(parts / "part-2.parquet", pa.Table.from_pylist(second))
+    job = write_job(tmp_path, endpoint.url, input_path="parts/*.parquet", run={"checkpoint_rows": 16})
+    assert invoke(job).exit_code == 0
+    assert_exact(tmp_path / "out" / "result.parquet", first + second)
