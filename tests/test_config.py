@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import re
 import shutil
 from pathlib import Path
@@ -438,6 +440,105 @@ def test_a_parquet_glob_whose_files_type_a_column_differently_is_refused_naming_
     assert refusal(job) == [
         f"batchrun: error: {job}: input.path: column 'id' is int64 in a.parquet but string in "
         "b.parquet; every input file must give a column the same type"
+    ]
+
+
+def parquet_with(folder: Path, column: pa.Array) -> Path:
+    """``input.parquet``: columns id, prompt (text) and ``odd`` holding ``column``."""
+    n = len(column)
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(n)], "prompt": ["hi"] * n, "odd": column}),
+        folder / "input.parquet",
+    )
+    return folder / "input.parquet"
+
+
+NOT_TEXT = [
+    (pa.array([["a", "b"]]), "list<string>"),
+    (pa.array([{"x": 1, "y": [2]}]), "struct<x: int64, y: list<int64>>"),
+    (pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64())), "map<string, int64>"),
+    (pa.array([b"bytes"], pa.binary()), "binary"),
+    (pa.array([True]), "bool"),
+    (pa.array([datetime.date(2024, 1, 1)]), "date32[day]"),
+]
+
+
+@pytest.mark.parametrize(("column", "shown"), NOT_TEXT, ids=[s for _, s in NOT_TEXT])
+def test_a_prompt_column_that_is_not_text_or_a_number_is_refused_naming_its_type(
+    tmp_path: Path, column: pa.Array, shown: str
+) -> None:
+    parquet_with(tmp_path, column)
+    job = job_with(tmp_path, input_path="input.parquet", input={"prompt_column": "odd"})
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.prompt_column: column 'odd' is {shown}, not text or "
+        "a number; a prompt must be text (numbers are sent as their text)"
+    ]
+
+
+def test_a_template_over_a_list_column_is_refused_rather_than_sending_its_repr(tmp_path: Path) -> None:
+    parquet_with(tmp_path, pa.array([["a", "b"]]))
+    job = job_with(tmp_path, input_path="input.parquet", input={"prompt_column": None, "template": "{prompt}: {odd}"})
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.template: column 'odd' is list<string>, not text or "
+        "a number; a template may only name text or number columns"
+    ]
+
+
+NOT_IDS = [
+    (pa.array([["a"]]), "list<string>"),
+    (pa.array([{"x": 1}]), "struct<x: int64>"),
+    (pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64())), "map<string, int64>"),
+    (pa.array([b"bytes"], pa.large_binary()), "large_binary"),
+    (pa.array([[1, 2]], pa.list_(pa.int32(), 2)), "fixed_size_list<int32>[2]"),
+]
+
+
+@pytest.mark.parametrize(("column", "shown"), NOT_IDS, ids=[s for _, s in NOT_IDS])
+def test_an_id_column_of_a_type_that_cannot_be_an_id_is_refused_at_load(
+    tmp_path: Path, column: pa.Array, shown: str
+) -> None:
+    parquet_with(tmp_path, column)
+    job = job_with(tmp_path, input_path="input.parquet", input={"id_column": "odd"})
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.id_column: column 'odd' is {shown}, which cannot be "
+        "an id; use a column of text, integers or dates"
+    ]
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array([7], pa.int16()),
+        pa.array([2.5]),
+        pa.array([decimal.Decimal("2.50")], pa.decimal128(5, 2)),
+        pa.array(["x"], pa.large_string()),
+        pa.array(["x"]).dictionary_encode(),
+    ],
+    ids=lambda c: str(c.type),
+)
+def test_a_prompt_or_template_column_of_text_or_numbers_is_accepted(tmp_path: Path, column: pa.Array) -> None:
+    parquet_with(tmp_path, column)
+    assert load_job(job_with(tmp_path, input_path="input.parquet", input={"prompt_column": "odd"})).prompt_column == "odd"
+    template = {"prompt_column": None, "template": "{odd}"}
+    assert load_job(job_with(tmp_path, input_path="input.parquet", input=template)).template_fields == ("odd",)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [pa.array([7]), pa.array([datetime.date(2024, 1, 1)]), pa.array([datetime.datetime(2024, 1, 1)]), pa.array(["x"]).dictionary_encode()],
+    ids=lambda c: str(c.type),
+)
+def test_an_id_column_of_integers_dates_or_text_is_accepted(tmp_path: Path, column: pa.Array) -> None:
+    parquet_with(tmp_path, column)
+    assert load_job(job_with(tmp_path, input_path="input.parquet", input={"id_column": "odd"})).id_column == "odd"
+
+
+def test_column_type_problems_are_reported_with_every_other_problem(tmp_path: Path) -> None:
+    parquet_with(tmp_path, pa.array([{"x": 1}]))
+    job = job_with(tmp_path, input_path="input.parquet", input={"prompt_column": "odd", "id_column": "odd"},
+                   run={"batch_size": 0})
+    assert [line.split(": ")[3] for line in refusal(job)] == [
+        "run.batch_size", "input.prompt_column", "input.id_column",
     ]
 
 

@@ -3,6 +3,7 @@ one line naming the file (and the column and row where known)."""
 
 from __future__ import annotations
 
+import decimal
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,26 @@ def test_an_id_that_is_not_utf8_is_refused_while_planning_naming_the_file_and_ro
 
 
 # --- types and globs -------------------------------------------------------------------------
+
+
+def test_numbers_are_sent_as_their_python_text(tmp_path: Path, endpoint: LiveEndpoint) -> None:
+    """3 -> "3", 2.5 -> "2.5", Decimal("2.50") -> "2.50", in a prompt column and in a template."""
+    table = pa.table({
+        "id": ["a", "b"],
+        "n": pa.array([3, -7], pa.int32()),
+        "x": [2.5, 1e20],
+        "d": pa.array([decimal.Decimal("2.50"), decimal.Decimal("-0.1")], pa.decimal128(5, 2)),
+    })
+    write_parquet(tmp_path / "input.parquet", table)
+    job = write_job(tmp_path, endpoint.url, input_path="input.parquet", input={"prompt_column": "n"})
+    assert invoke(job).exit_code == 0
+    assert sorted(endpoint.log.prompts_received) == ["-7", "3"]
+    job = write_job(
+        tmp_path, endpoint.url, input_path="input.parquet", output_path="out/t.parquet",
+        input={"prompt_column": None, "template": "{n}|{x}|{d}"},
+    )
+    assert invoke(job).exit_code == 0
+    assert sorted(endpoint.log.prompts_received[2:]) == ["-7|1e+20|-0.10", "3|2.5|2.50"]
 
 
 def test_a_glob_whose_files_disagree_only_on_nullability_is_answered_exactly(
