@@ -1,16 +1,21 @@
-"""What batchrun checks of its input before it sends anything: the files' schema and the types a
-prompt, template or id column may have."""
+"""What batchrun checks of its input before it sends anything: the files' schema, the types a
+prompt, template or id column may have, and a readable sample of every file."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import csvinput, source
 from .errors import JobError
+
+if TYPE_CHECKING:
+    from .config import JobSpec
+
 
 def read_schema(files: Sequence[Path], fmt: str) -> pa.Schema:
     """The input's columns and their types (CSV: all text); every file of a glob must have the
@@ -112,3 +117,16 @@ def _id_type(t: pa.DataType) -> bool:
 
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def check_sample(spec: JobSpec) -> None:
+    """Read and render a sample of every input file as a run would, cheaply: the first block of
+    a CSV file, the first row group of a Parquet file's prompt and id columns (never a whole
+    file, in bounded memory). Raises ``JobError`` naming the file that cannot be read."""
+    columns = list(dict.fromkeys([*spec.prompt_columns, *([spec.id_column] if spec.id_column else [])]))
+    for f in spec.input_files:
+        for batch in source.read_sample(spec, f, columns):
+            table = pa.Table.from_batches([batch])
+            source.render_prompts(table, spec)
+            if spec.id_column:
+                source.id_strings(table, spec.id_column)

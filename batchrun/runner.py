@@ -30,6 +30,7 @@ from .errors import (
     StorageError,
 )
 from .incremental import carry_forward
+from .inputcheck import check_sample
 from .memory import release_free_memory
 from .sink import merge_kind, output_identity, write_output
 
@@ -503,6 +504,7 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
         log.warning("the run state in %s had no readable plan; its progress is discarded", state.root)
         state.reset()
         state.drop_carry()
+    check_sample(spec)
     rows = source.count_rows_and_check_ids(spec)
     if rows == 0:
         raise JobError(f"{spec.job_path}: input.path: the input has no rows")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -102,6 +103,32 @@ def iter_batches(
             raise
         except (pa.ArrowException, OSError) as exc:
             raise _unreadable(spec, f, columns, exc, row - file_start, chunk_rows) from None
+
+
+def read_sample(spec: JobSpec, path: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """One file's first row group (Parquet) or first block (CSV) of ``columns``, read and checked
+    as ``iter_batches`` reads them: a cheap proof that the file can be read at all."""
+    row = 0
+    try:
+        if spec.input_format == "csv":
+            batches = csvinput.batches(path, columns, spec.csv_block_bytes)
+            try:
+                yield from itertools.islice(batches, 1)
+            finally:
+                batches.close()
+            return
+        pf = _open_parquet(path)
+        try:
+            if pf.metadata.num_row_groups:
+                for batch in pf.iter_batches(batch_size=65536, row_groups=[0], columns=list(columns)):
+                    yield _checked(batch, path, row)
+                    row += batch.num_rows
+        finally:
+            pf.close()
+    except pa.ArrowMemoryError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(spec, path, columns, exc, row, 65536) from None
 
 
 def one_line(exc: BaseException) -> str:

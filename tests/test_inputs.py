@@ -11,8 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import Result
-from conftest import assert_exact, invoke, prompt_rows, write_job
+from conftest import assert_exact, invoke, prompt_rows, write_csv, write_job
 from endpoint import LiveEndpoint
+
+from batchrun import inputcheck
+from batchrun.config import load_job
+from batchrun.errors import JobError
 
 
 def refused(result: Result) -> str:
@@ -91,6 +95,22 @@ def test_a_damaged_compressed_page_without_checksums_is_refused_naming_file_colu
         "rows 2000-2999 of the file): Corrupt snappy compressed data."
     )
     assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_damage_in_the_first_row_group_is_found_while_planning_before_anything_is_sent(
+    tmp_path: Path, endpoint: LiveEndpoint, checksums: bool
+) -> None:
+    write_parquet(
+        tmp_path / "input.parquet", rows_table(3000), row_group_size=1000, write_page_checksum=checksums
+    )
+    damage(tmp_path / "input.parquet", 0, "prompt")
+    job = write_job(tmp_path, endpoint.url, input_path="input.parquet")
+    assert refused(invoke(job)).startswith(
+        "batchrun: error: cannot read input.parquet as parquet (column 'prompt', row group 0: "
+        "rows 0-999 of the file): "
+    )
+    assert endpoint.log.requests == 0
 
 
 def test_a_truncated_parquet_file_is_refused_naming_it(tmp_path: Path) -> None:
@@ -175,3 +195,29 @@ def test_a_glob_whose_files_disagree_only_on_nullability_is_answered_exactly(
     job = write_job(tmp_path, endpoint.url, input_path="parts/*.parquet", run={"checkpoint_rows": 16})
     assert invoke(job).exit_code == 0
     assert_exact(tmp_path / "out" / "result.parquet", first + second)
+
+
+# --- the sample a run reads before its first request -------------------------------------------
+
+
+def test_check_sample_reads_only_the_first_row_group_of_each_parquet_file(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "input.parquet", rows_table(3000), row_group_size=1000)
+    damage(path, 1, "prompt")
+    spec = load_job(write_job(tmp_path, "builtin", input_path="input.parquet"))
+    inputcheck.check_sample(spec)  # the damage lies past the sample
+    write_parquet(path, rows_table(3000), row_group_size=1000)
+    damage(path, 0, "id")
+    with pytest.raises(JobError, match=r"^cannot read input\.parquet as parquet \(column 'id', row group 0: "):
+        inputcheck.check_sample(spec)
+
+
+def test_check_sample_reads_only_the_first_block_of_each_csv_file(tmp_path: Path) -> None:
+    rows = prompt_rows(20000)  # about 1 MB: several 256 KB blocks
+    write_csv(tmp_path / "input.csv", rows)
+    raw = (tmp_path / "input.csv").read_bytes()
+    (tmp_path / "input.csv").write_bytes(raw.replace(b"Prompt number 19000:", b"Prompt \xff\xfe 19000:"))
+    spec = load_job(write_job(tmp_path, "builtin"))
+    inputcheck.check_sample(spec)  # the bad byte lies past the first block
+    (tmp_path / "input.csv").write_bytes(raw.replace(b"Prompt number 7:", b"Prompt \xff\xfe 7:"))
+    with pytest.raises(JobError, match=r"^cannot read input\.csv as csv: .*UTF8"):
+        inputcheck.check_sample(spec)
