@@ -25,10 +25,6 @@ if TYPE_CHECKING:
     from .config import JobSpec
 
 PARQUET_BUFFER_BYTES = 1 << 20
-# Files up to this size are hashed whole; larger ones by their head and tail (a full hash of tens
-# of GB on every resume would cost minutes; a changed row is still caught by its prompt hash).
-_FINGERPRINT_WHOLE = 64 << 20
-_FINGERPRINT_SAMPLE = 1 << 20
 
 
 def resolve_input(pattern: str, base: Path) -> list[Path]:
@@ -404,23 +400,3 @@ def _refuse_duplicate_ids(spec: JobSpec, clash: np.ndarray) -> None:
             f"{spec.job_path}: input.id_column: column {spec.id_column!r} must be unique; "
             f"duplicated: {shown}{more}"
         )
-
-
-def fingerprint(files: Sequence[Path]) -> list[dict[str, object]]:
-    """Identify the input: each file's name, size, mtime and a digest (whole, or head and tail)."""
-    out = []
-    for f in files:
-        st = f.stat()
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            if st.st_size <= _FINGERPRINT_WHOLE:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            else:
-                h.update(fh.read(_FINGERPRINT_SAMPLE))
-                fh.seek(-_FINGERPRINT_SAMPLE, os.SEEK_END)
-                h.update(fh.read(_FINGERPRINT_SAMPLE))
-        out.append(
-            {"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha256": h.hexdigest()}
-        )
-    return out

@@ -1,9 +1,13 @@
-"""Hostile inputs found while planning or mid-run, through the CLI: each refusal exits 2 with
-one line naming the file (and the column and row where known)."""
+"""Hostile inputs found while planning or mid-run, and inputs changed since the plan, through the CLI:
+each refusal exits 2 with one line naming the file (and the column and row where known)."""
 
 from __future__ import annotations
 
 import decimal
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import Result
-from conftest import assert_exact, invoke, prompt_rows, write_csv, write_job
+from conftest import assert_exact, invoke, prompt_rows, run_dir, write_csv, write_job
 from endpoint import LiveEndpoint
 
 from batchrun import inputcheck
@@ -221,3 +225,160 @@ def test_check_sample_reads_only_the_first_block_of_each_csv_file(tmp_path: Path
     (tmp_path / "input.csv").write_bytes(raw.replace(b"Prompt number 7:", b"Prompt \xff\xfe 7:"))
     with pytest.raises(JobError, match=r"^cannot read input\.csv as csv: .*UTF8"):
         inputcheck.check_sample(spec)
+
+
+# --- an input changed since the plan --------------------------------------------------------------
+
+
+def set_mtime(path: Path, mtime_ns: int) -> None:
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def edit_in_place(path: Path, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` (same length) in ``path``, keeping its size."""
+    assert len(old) == len(new)
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+
+
+def plan_of(folder: Path) -> dict[str, Any]:
+    return json.loads((run_dir(folder) / "plan.json").read_text(encoding="utf-8"))
+
+
+CHANGED = (
+    "batchrun: error: this job has saved progress from a different input or settings: the input "
+    "files (names, sizes or contents) differ. Restore them, or run with --restart to discard the "
+    "progress in "
+)
+
+
+def test_the_plan_records_each_files_size_mtime_and_whole_content_sha256(tmp_path: Path) -> None:
+    write_csv(tmp_path / "input.csv", prompt_rows(20))
+    job = write_job(tmp_path, "builtin")
+    assert invoke(job).exit_code == 0
+    st = (tmp_path / "input.csv").stat()
+    assert plan_of(tmp_path)["version"] == 2
+    assert plan_of(tmp_path)["fingerprint"] == [{
+        "path": str(tmp_path / "input.csv"), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "sha256": hashlib.sha256((tmp_path / "input.csv").read_bytes()).hexdigest(),
+    }]
+
+
+def test_a_same_size_edit_with_a_new_mtime_after_completion_is_refused(tmp_path: Path) -> None:
+    """Without an id column rows are keyed by position: the edited input cannot be resumed."""
+    write_csv(tmp_path / "input.csv", prompt_rows(50))
+    job = write_job(tmp_path, "builtin", input={"id_column": None})
+    assert invoke(job).exit_code == 0
+    mtime = (tmp_path / "input.csv").stat().st_mtime_ns
+    edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
+    set_mtime(tmp_path / "input.csv", mtime + 10**9)
+    assert refused(invoke(job)) == CHANGED + f"{run_dir(tmp_path)}"
+
+
+@pytest.mark.slow
+def test_a_same_size_edit_in_the_middle_of_a_file_over_64_mb_is_caught(tmp_path: Path) -> None:
+    """The previous fingerprint hashed only the first and last MB of a file over 64 MB, so this
+    edit yielded "nothing to do" and a stale output."""
+    rows = [{"prompt": f"Prompt number {i}", "pad": "x" * (2 << 20)} for i in range(34)]
+    write_csv(tmp_path / "input.csv", rows)
+    assert (tmp_path / "input.csv").stat().st_size > 64 << 20
+    job = write_job(tmp_path, "builtin", input={"id_column": None}, run={"checkpoint_rows": 8})
+    assert invoke(job).exit_code == 0
+    mtime = (tmp_path / "input.csv").stat().st_mtime_ns
+    edit_in_place(tmp_path / "input.csv", b"Prompt number 17,", b"Prompt numbex 17,")
+    set_mtime(tmp_path / "input.csv", mtime + 10**9)
+    assert refused(invoke(job)) == CHANGED + f"{run_dir(tmp_path)}"
+
+
+def test_a_same_size_edit_with_a_new_mtime_is_planned_incrementally_with_an_id_column(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    rows = prompt_rows(50)
+    write_csv(tmp_path / "input.csv", rows)
+    job = write_job(tmp_path, endpoint.url)
+    assert invoke(job).exit_code == 0
+    mtime = (tmp_path / "input.csv").stat().st_mtime_ns
+    edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
+    set_mtime(tmp_path / "input.csv", mtime + 10**9)
+    sent = len(endpoint.log.prompts_received)
+    result = invoke(job)
+    assert result.exit_code == 0, result.output
+    assert "input changed: 49 rows reused, 1 changed, 0 new" in result.stdout
+    assert endpoint.log.prompts_received[sent:] == ["Prompt numbex 25: say something"]
+    rows[25]["prompt"] = "Prompt numbex 25: say something"
+    assert_exact(tmp_path / "out" / "result.parquet", rows)
+
+
+def test_a_copy_with_a_new_mtime_but_the_same_bytes_is_accepted_and_its_new_mtime_recorded(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    write_csv(tmp_path / "input.csv", prompt_rows(50))
+    job = write_job(tmp_path, endpoint.url, input={"id_column": None})
+    assert invoke(job).exit_code == 0
+    before = plan_of(tmp_path)
+    shutil.copyfile(tmp_path / "input.csv", tmp_path / "copy.csv")
+    (tmp_path / "copy.csv").replace(tmp_path / "input.csv")
+    mtime = before["fingerprint"][0]["mtime_ns"] + 10**9
+    set_mtime(tmp_path / "input.csv", mtime)
+    requests = endpoint.log.requests
+    result = invoke(job)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("batchrun: nothing to do: all 50 rows are done")
+    assert endpoint.log.requests == requests
+    # Recorded, so the next run trusts the file by its size and mtime instead of hashing it.
+    assert plan_of(tmp_path) == {**before, "fingerprint": [{**before["fingerprint"][0], "mtime_ns": mtime}]}
+
+
+def test_an_edit_that_keeps_both_size_and_mtime_is_trusted_unread_the_documented_limit(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    """A resume reads nothing of a file whose size and mtime equal the plan's: that is what keeps
+    it fast, and why an edit whose mtime is set back goes unnoticed (README, [input])."""
+    write_csv(tmp_path / "input.csv", prompt_rows(50))
+    job = write_job(tmp_path, endpoint.url, input={"id_column": None})
+    assert invoke(job).exit_code == 0
+    mtime = (tmp_path / "input.csv").stat().st_mtime_ns
+    edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
+    set_mtime(tmp_path / "input.csv", mtime)
+    result = invoke(job)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("batchrun: nothing to do: all 50 rows are done")
+
+
+def as_version_1(folder: Path) -> None:
+    """Rewrite the job's plan as batchrun wrote it before version 2: ``sample_sha256`` (the whole
+    file's sha256, for a file up to 64 MB) and no ``sha256``."""
+    plan = plan_of(folder)
+    plan["version"] = 1
+    plan["fingerprint"] = [
+        {"path": f["path"], "size": f["size"], "mtime_ns": f["mtime_ns"], "sample_sha256": f["sha256"]}
+        for f in plan["fingerprint"]
+    ]
+    (run_dir(folder) / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+
+
+def test_a_plan_of_version_1_still_resumes_compared_by_its_sample_hash(tmp_path: Path, endpoint: LiveEndpoint) -> None:
+    write_csv(tmp_path / "input.csv", prompt_rows(50))
+    job = write_job(tmp_path, endpoint.url, input={"id_column": None})
+    assert invoke(job).exit_code == 0
+    as_version_1(tmp_path)
+    old = plan_of(tmp_path)
+    set_mtime(tmp_path / "input.csv", old["fingerprint"][0]["mtime_ns"] + 10**9)  # v1 ignores mtimes
+    result = invoke(job)
+    assert result.stdout.startswith("batchrun: nothing to do: all 50 rows are done"), result.output
+    assert plan_of(tmp_path) == old, "a version 1 plan is compared the old way, never rewritten"
+    edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
+    assert refused(invoke(job)) == CHANGED + f"{run_dir(tmp_path)}"
+
+
+def test_a_plan_from_a_newer_batchrun_is_refused_not_misread(tmp_path: Path) -> None:
+    write_csv(tmp_path / "input.csv", prompt_rows(10))
+    job = write_job(tmp_path, "builtin")
+    assert invoke(job).exit_code == 0
+    plan = {**plan_of(tmp_path), "version": 3}
+    (run_dir(tmp_path) / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    assert refused(invoke(job)) == (
+        "batchrun: error: the saved progress was planned by a newer batchrun (plan version 3); "
+        "run it with that version, or run with --restart to discard it"
+    )
