@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 
 from .errors import BusyError, StorageError
 
-PLAN_VERSION = 1
+# 2: the fingerprint holds each file's whole-content sha256 (1: sample_sha256, see fingerprint.py).
+PLAN_VERSION = 2
 RESULT_SCHEMA = pa.schema(
     [
         ("row", pa.int64()),

@@ -235,7 +235,7 @@ def _resolve(
 ) -> JobSpec | None:
     """Check what needs several keys or the input itself; add to ``problems``; build the spec."""
     # Imported here so that loading a job's syntax never pulls in pyarrow.
-    from . import source
+    from . import inputcheck, source
 
     base = job_path.parent
     inp: InputSection | None = sections.get("input")
@@ -288,10 +288,18 @@ def _resolve(
     try:
         files = tuple(source.resolve_input(inp.path, base))
         fmt = inp.format or source.detect_format(files)
-        columns = tuple(source.read_columns(files, fmt))
+        schema = inputcheck.read_schema(files, fmt)
+        columns = tuple(schema.names)
     except JobError as exc:
         problems += [f"{where}: input.path: {p}" for p in exc.problems]
     if columns:
+        problems += [
+            f"{where}: {p}"
+            for p in inputcheck.column_type_problems(
+                schema, prompt_column=inp.prompt_column, template_fields=template_fields,
+                id_column=inp.id_column,
+            )
+        ]
         wanted = [("prompt_column", inp.prompt_column), ("id_column", inp.id_column)]
         wanted += [("template", f) for f in template_fields]
         for key, col in wanted:

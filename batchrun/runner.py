@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import fingerprint as fingerprints
 from . import source
 from .checkpoint import EMPTY_PROMPT, DamagedStateError, RunState, SegmentInfo, crashpoint, write_json_atomic
 from .config import JobSpec, load_job
@@ -29,6 +30,7 @@ from .errors import (
     StorageError,
 )
 from .incremental import carry_forward
+from .inputcheck import check_sample
 from .memory import release_free_memory
 from .preflight import check_output_owned, check_output_path, check_output_writable, read_api_key
 from .sink import merge_kind, output_identity, write_output
@@ -528,17 +530,23 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
     the answers of rows whose id and prompt are unchanged.
     """
     settings = json.loads(json.dumps(spec.settings()))
-    fingerprint = source.fingerprint(spec.input_files)
     plan = state.read_plan()
     incremental: dict[str, int] | None = None
+    hashed: dict[tuple[str, int, int], str] = {}
     if plan is not None:
         changed = [
             f"{k}: {plan.get('settings', {}).get(k)!r} -> {settings[k]!r}"
             for k in settings
             if plan.get("settings", {}).get(k) != settings[k]
         ]
-        same_input = _input_identity(plan.get("fingerprint", [])) == _input_identity(fingerprint)
+        seen = fingerprints.check(plan, spec.input_files)
+        same_input, hashed = seen.same, seen.hashes
         if not changed and same_input:
+            if seen.refreshed is not None:
+                # Same bytes under a new mtime (a copy, a touch): record it, so the next run
+                # trusts the file by its metadata instead of hashing it again.
+                plan = {**plan, "fingerprint": seen.refreshed}
+                state.write_plan(plan)
             return plan
         if changed or not spec.id_column or not allow_incremental:
             if not allow_incremental and not changed:
@@ -555,11 +563,13 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
         log.warning("the run state in %s had no readable plan; its progress is discarded", state.root)
         state.reset()
         state.drop_carry()
+    fingerprint = fingerprints.take(spec.input_files, hashed)
+    check_sample(spec)
     rows = source.count_rows_and_check_ids(spec)
     if rows == 0:
         raise JobError(f"{spec.job_path}: input.path: the input has no rows")
     if plan is not None:
-        incremental = carry_forward(spec, state, _input_identity(fingerprint))
+        incremental = carry_forward(spec, state, fingerprints.identity(fingerprint))
         log.info(
             "input changed: %d rows reused, %d changed, %d new",
             incremental["reused"], incremental["changed"], incremental["new"],
@@ -576,9 +586,3 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
         new_plan["incremental"] = incremental
     state.write_plan(new_plan)
     return json.loads(json.dumps(state.read_plan()))
-
-
-def _input_identity(fp: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    # The directory may move with the job, and a copy changes mtime: compare what the bytes are.
-    return [(Path(str(f["path"])).name, f["size"], f["sample_sha256"]) for f in fp]
-

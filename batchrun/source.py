@@ -2,45 +2,44 @@
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
+import itertools
 import os
-import tempfile
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import csvinput
 from .errors import JobError
+from .iddigests import IdDigests
 
 if TYPE_CHECKING:
     from .config import JobSpec
 
 PARQUET_BUFFER_BYTES = 1 << 20
-CSV_FIRST_BLOCK_BYTES = 256 << 10
-# Files up to this size are hashed whole; larger ones by their head and tail (a full hash of tens
-# of GB on every resume would cost minutes; a changed row is still caught by its prompt hash).
-_FINGERPRINT_WHOLE = 64 << 20
-_FINGERPRINT_SAMPLE = 1 << 20
 
 
 def resolve_input(pattern: str, base: Path) -> list[Path]:
     """The input files a pattern names, relative to ``base``, sorted so positions are stable."""
     full = pattern if os.path.isabs(pattern) else str(base / pattern)
     if glob.has_magic(full):
-        files = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
-        files = [p for p in files if p.is_file()]
+        found = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
+        files = [p for p in found if p.is_file()]
         if not files:
-            raise JobError(f"no file matches {pattern!r} (looked in {base})")
+            dirs = " (it matches only directories)" if found else ""
+            raise JobError(f"no file matches {pattern!r}{dirs} (looked in {base})")
         return files
     path = Path(full).resolve()
+    if path.is_dir():
+        raise JobError(f"{path} is a directory; name a file, or a glob such as '{pattern.rstrip('/')}/*.parquet'")
     if not path.is_file():
         raise JobError(f"input file not found: {path}")
     return [path]
@@ -64,97 +63,157 @@ def detect_format(files: Sequence[Path]) -> str:
     return kinds.pop()
 
 
-def read_columns(files: Sequence[Path], fmt: str) -> list[str]:
-    """The input's column names; every file of a glob must have the same ones, in order."""
-    first: list[str] | None = None
-    for f in files:
-        cols = _column_names(f, fmt)
-        if first is None:
-            first = cols
-        elif cols != first:
-            raise JobError(
-                f"{f.name} has columns {cols}, but {files[0].name} has {first}; "
-                "every input file must have the same columns"
-            )
-    if first is not None and len(set(first)) != len(first):
-        dup = sorted({c for c in first if first.count(c) > 1})
-        raise JobError(f"the input has duplicate column names: {dup}")
-    return first or []
-
-
-def _column_names(path: Path, fmt: str) -> list[str]:
-    if fmt == "csv":
-        return _csv_header(path)
-    try:
-        return pq.read_schema(path).names
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise JobError(f"cannot read {path.name} as parquet: {exc}") from None
-
-
-def _open_csv(path: Path, columns: Sequence[str] | None, block_bytes: int) -> pacsv.CSVStreamingReader:
-    # Every CSV column is read as text: a type guessed from the first block can turn out wrong
-    # millions of rows later, and CSV carries text anyway. Nothing is lost; nothing is guessed.
-    names = _csv_header(path)
-    return pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=block_bytes),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names},
-            include_columns=list(columns) if columns is not None else None,
-            strings_can_be_null=False,
-            quoted_strings_can_be_null=False,
-        ),
-    )
-
-
-def _csv_header(path: Path) -> list[str]:
-    # surrogateescape: the file is decoded ahead of the header line, and a bad byte further on
-    # is the rows' problem (reported with them when they are read), not the header's.
-    try:
-        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-            names = next(csv.reader(fh), [])
-    except csv.Error as exc:
-        raise JobError(f"{path.name}: cannot parse the CSV header: {exc}") from None
-    if not names:
-        raise JobError(f"{path.name} is empty: a CSV input needs a header row")
-    try:
-        "".join(names).encode("utf-8")
-    except UnicodeEncodeError:
-        raise JobError(f"{path.name}: the header is not UTF-8 text") from None
-    return names
-
-
 def iter_batches(
     spec: JobSpec, columns: Sequence[str] | None, chunk_rows: int = 65536, *, start_row: int = 0
 ) -> Iterator[pa.RecordBatch]:
     """Stream the input's rows from ``start_row`` on, in order, chunk by chunk, never holding the
     whole input. Parquet skips to ``start_row`` by its metadata without reading what lies before;
-    CSV has no index, so the rows before it are parsed and dropped."""
+    CSV has no index, so the rows before it are parsed and dropped.
+
+    The one reader of the input: whatever pyarrow raises over a file's bytes (a damaged page, a
+    truncated file, text that is not UTF-8) becomes a ``JobError`` naming the file here, and
+    where it can the column and row.
+    """
     skip = start_row
+    row = start_row  # the input row of the next row yielded
+    # A glob's files may disagree on a column's nullability, which Arrow would refuse to join.
+    conform = spec.input_format == "parquet" and len(spec.input_files) > 1
     for f in spec.input_files:
+        file_start = row - skip
         try:
             if spec.input_format == "parquet":
                 batches, skip = _parquet_batches(f, columns, chunk_rows, skip)
             else:
-                batches = _csv_batches(f, columns, spec.csv_block_bytes)
+                batches = csvinput.batches(f, columns, spec.csv_block_bytes)
             for batch in batches:
                 part, skip = _drop_head(batch, skip)
                 if part is not None:
+                    if spec.input_format == "parquet":
+                        # pyarrow's Parquet reader does not check that strings are UTF-8 (its
+                        # CSV reader does); polars aborts the process on such a string.
+                        part = _checked(part, f, row - file_start)
+                        part = _nullable(part) if conform else part
+                    row += part.num_rows
                     yield part
+        except pa.ArrowMemoryError:
+            raise
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(spec, f, columns, exc, row - file_start, chunk_rows) from None
+
+
+def read_sample(spec: JobSpec, path: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """One file's first row group (Parquet) or first block (CSV) of ``columns``, read and checked
+    as ``iter_batches`` reads them: a cheap proof that the file can be read at all."""
+    row = 0
+    try:
+        if spec.input_format == "csv":
+            batches = csvinput.batches(path, columns, spec.csv_block_bytes)
+            try:
+                yield from itertools.islice(batches, 1)
+            finally:
+                batches.close()
+            return
+        pf = _open_parquet(path)
+        try:
+            if pf.metadata.num_row_groups:
+                for batch in pf.iter_batches(batch_size=65536, row_groups=[0], columns=list(columns)):
+                    yield _checked(batch, path, row)
+                    row += batch.num_rows
+        finally:
+            pf.close()
+    except pa.ArrowMemoryError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(spec, path, columns, exc, row, 65536) from None
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (pyarrow's span several)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return " ".join(text.split()) or exc.__class__.__name__
+
+
+def _unreadable(
+    spec: JobSpec, path: Path, columns: Sequence[str] | None, exc: BaseException, at: int, span: int
+) -> JobError:
+    """The error for a file that failed to read at or after its row ``at``."""
+    if isinstance(exc, pa.ArrowInvalid) and csvinput.straddles(exc):
+        return JobError(
+            f"{path.name}: a CSV row is longer than input.csv_max_row_mb "
+            f"({spec.csv_block_bytes / (1 << 20):g} MB); raise it for this input "
+            "(memory use grows about 40 times as much)"
+        )
+    where = ""
+    if spec.input_format == "parquet":
+        found = _find_damage(path, columns, at, span)
+        if found is not None:
+            name, group, lo, hi = found
+            where = f" (column {name!r}, row group {group}: rows {lo}-{hi - 1} of the file)"
+    return JobError(f"cannot read {path.name} as {spec.input_format}{where}: {one_line(exc)}")
+
+
+def _find_damage(
+    path: Path, columns: Sequence[str] | None, at: int, span: int
+) -> tuple[str, int, int, int] | None:
+    """The first column and row group that fail to read alone, among the row groups a failed
+    read of ``span`` rows from row ``at`` touched; None if none does (or the footer itself fails)."""
+    try:
+        pf = _open_parquet(path)
+    except (pa.ArrowException, OSError):
+        return None
+    try:
+        meta = pf.metadata
+        names = list(columns) if columns else pf.schema_arrow.names
+        lo = 0
+        for group in range(meta.num_row_groups):
+            hi = lo + meta.row_group(group).num_rows
+            if hi > at and lo < at + span:
+                for name in names:
+                    try:
+                        for _ in pf.iter_batches(batch_size=4096, row_groups=[group], columns=[name]):
+                            pass
+                    except (pa.ArrowException, OSError):
+                        return name, group, lo, hi
+            lo = hi
+        return None
+    finally:
+        pf.close()
+
+
+def _checked(batch: pa.RecordBatch, path: Path, row: int) -> pa.RecordBatch:
+    """``batch`` (rows from ``row`` of its file on) if its values are valid (every string UTF-8,
+    every offset in bounds); else a ``JobError`` naming the file, column and, for text, the row."""
+    try:
+        batch.validate(full=True)
+        return batch
+    except pa.ArrowInvalid:
+        pass
+    for field, column in zip(batch.schema, batch.columns):
+        try:
+            column.validate(full=True)
         except pa.ArrowInvalid as exc:
-            if _straddles(exc):
+            reason = one_line(exc)
+            found = re.search(r"UTF8 sequence at string index (\d+)", reason)
+            if found is None:
                 raise JobError(
-                    f"{f.name}: a CSV row is longer than input.csv_max_row_mb "
-                    f"({spec.csv_block_bytes / (1 << 20):g} MB); raise it for this input "
-                    "(memory use grows about 40 times as much)"
+                    f"cannot read {path.name} as parquet: column {field.name!r} holds invalid "
+                    f"values in rows {row}-{row + batch.num_rows - 1} of the file ({reason})"
                 ) from None
-            raise JobError(f"cannot read {f.name} as {spec.input_format}: {exc}") from None
+            at = ""
+            if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+                at = f" at row {row + int(found[1])} of the file"
+            raise JobError(
+                f"{path.name}: column {field.name!r} holds text that is not UTF-8{at}; "
+                "Parquet strings must be UTF-8"
+            ) from None
+    return batch
 
 
-def _straddles(exc: pa.ArrowInvalid) -> bool:
-    """Whether pyarrow's CSV reader failed on a row longer than its block ("straddling" is its word)."""
-    return "straddl" in str(exc)
+def _nullable(batch: pa.RecordBatch) -> pa.RecordBatch:
+    if all(f.nullable for f in batch.schema):
+        return batch
+    schema = pa.schema([f.with_nullable(True) for f in batch.schema], metadata=batch.schema.metadata)
+    return pa.RecordBatch.from_arrays(batch.columns, schema=schema)
 
 
 def _drop_head(batch: pa.RecordBatch, skip: int) -> tuple[pa.RecordBatch | None, int]:
@@ -170,10 +229,7 @@ def _parquet_batches(
 ) -> tuple[Iterator[pa.RecordBatch], int]:
     """Batches of one Parquet file from its first row group holding row ``skip``, and how many
     rows of what they yield are still to skip."""
-    # pre_buffer (pyarrow's default) keeps every row group read until the file is closed: a
-    # 3 GB input held 2.6 GB by its end. buffer_size streams each column chunk page by page
-    # instead of reading it whole (a row group of wide rows can be gigabytes).
-    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+    pf = _open_parquet(path)
     meta = pf.metadata
     first = 0
     while first < meta.num_row_groups and skip >= meta.row_group(first).num_rows:
@@ -194,32 +250,14 @@ def _parquet_batches(
     return batches(), skip
 
 
-def _csv_batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Iterator[pa.RecordBatch]:
-    """A CSV file's batches, read in small blocks, grown only for an input whose rows need it.
-
-    pyarrow's streaming reader reads ahead 32 blocks in the background, so memory grows with
-    the block, and the block bounds the longest row it can parse. Reading starts at 256 KB;
-    a row that does not fit makes the file be read again from its start with a block four
-    times larger (up to ``max_block``), skipping the rows already yielded.
-    """
-    block = min(CSV_FIRST_BLOCK_BYTES, max_block)
-    done = 0
-    while True:
-        reader = _open_csv(path, columns, block)
-        skip = done
-        try:
-            for batch in reader:
-                part, skip = _drop_head(batch, skip)
-                if part is not None:
-                    done += part.num_rows
-                    yield part
-            return
-        except pa.ArrowInvalid as exc:
-            if not _straddles(exc) or block >= max_block:
-                raise
-            block = min(block * 4, max_block)
-        finally:
-            reader.close()
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    # pre_buffer (pyarrow's default) keeps every row group read until the file is closed: a
+    # 3 GB input held 2.6 GB by its end. buffer_size streams each column chunk page by page
+    # instead of reading it whole (a row group of wide rows can be gigabytes). Pages written
+    # with a checksum are checked against it: without, a damaged page can decode to other values.
+    return pq.ParquetFile(
+        path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES, page_checksum_verification=True
+    )
 
 
 def iter_segments(
@@ -317,10 +355,10 @@ def id_strings(table: pa.Table, column: str) -> list[str | None]:
 def count_rows_and_check_ids(spec: JobSpec) -> int:
     """Count the input's rows; with an id column, refuse null or duplicate ids, naming some."""
     if spec.input_format == "parquet" and spec.id_column is None:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in spec.input_files)
+        return sum(_parquet_rows(spec, f) for f in spec.input_files)
     cols = [spec.id_column] if spec.id_column else [spec.columns[0]]
     total = 0
-    with _IdDigests() as digests:
+    with IdDigests() as digests:
         for batch in iter_batches(spec, cols):
             total += batch.num_rows
             if spec.id_column:
@@ -338,71 +376,11 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
     return total
 
 
-class _IdDigests:
-    """64-bit digests of every id, to find repeated ones in bounded memory.
-
-    Up to ``_IDS_IN_MEMORY`` digests are kept in memory (8 bytes each); past that they are
-    spilled into ``_ID_PARTS`` temporary files by their top bits, and each file is checked on its
-    own, so a 100M-row input needs 800 MB of temporary disk but only 1/64 of that in memory.
-    """
-
-    def __init__(self) -> None:
-        self._held: list[np.ndarray] = []
-        self._count = 0
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
-        self._parts: list[Any] = []
-
-    def __enter__(self) -> _IdDigests:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for f in self._parts:
-            f.close()
-        if self._dir is not None:
-            self._dir.cleanup()
-
-    def add(self, digests: np.ndarray) -> None:
-        self._held.append(digests.astype(np.uint64, copy=False))
-        self._count += digests.size
-        if self._count > _IDS_IN_MEMORY:
-            self._spill()
-
-    def _spill(self) -> None:
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="batchrun-ids-")
-            self._parts = [open(Path(self._dir.name) / f"{p:02d}", "wb") for p in range(_ID_PARTS)]
-        for digests in self._held:
-            part = (digests >> np.uint64(64 - _ID_PART_BITS)).astype(np.intp)
-            order = np.argsort(part, kind="stable")
-            bounds = np.cumsum(np.bincount(part, minlength=_ID_PARTS))
-            ordered = digests[order]
-            lo = 0
-            for p, hi in enumerate(bounds):
-                if hi > lo:
-                    ordered[lo:hi].tofile(self._parts[p])
-                lo = hi
-        self._held, self._count = [], 0
-
-    def repeated(self) -> np.ndarray:
-        """The digests seen more than once."""
-        if self._dir is None:
-            return _repeated(np.concatenate(self._held) if self._held else np.empty(0, np.uint64))
-        self._spill()
-        found = []
-        for f in self._parts:
-            f.close()
-            found.append(_repeated(np.fromfile(f.name, dtype=np.uint64)))
-        return np.concatenate(found)
-
-
-_IDS_IN_MEMORY = 2_000_000
-_ID_PART_BITS = 6
-_ID_PARTS = 1 << _ID_PART_BITS
-
-
-def _repeated(digests: np.ndarray) -> np.ndarray:
-    digests.sort()
-    return np.unique(digests[1:][digests[1:] == digests[:-1]])
+def _parquet_rows(spec: JobSpec, path: Path) -> int:
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(spec, path, None, exc, 0, 0) from None
 
 
 def _refuse_duplicate_ids(spec: JobSpec, clash: np.ndarray) -> None:
@@ -422,23 +400,3 @@ def _refuse_duplicate_ids(spec: JobSpec, clash: np.ndarray) -> None:
             f"{spec.job_path}: input.id_column: column {spec.id_column!r} must be unique; "
             f"duplicated: {shown}{more}"
         )
-
-
-def fingerprint(files: Sequence[Path]) -> list[dict[str, object]]:
-    """Identify the input: each file's name, size, mtime and a digest (whole, or head and tail)."""
-    out = []
-    for f in files:
-        st = f.stat()
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            if st.st_size <= _FINGERPRINT_WHOLE:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            else:
-                h.update(fh.read(_FINGERPRINT_SAMPLE))
-                fh.seek(-_FINGERPRINT_SAMPLE, os.SEEK_END)
-                h.update(fh.read(_FINGERPRINT_SAMPLE))
-        out.append(
-            {"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha256": h.hexdigest()}
-        )
-    return out

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import prompt_rows, write_csv, write_job
+from conftest import invoke, prompt_rows, write_csv, write_job
 
 from batchrun.config import RESULT_COLUMNS, load_job
 from batchrun.errors import JobError
@@ -397,6 +401,145 @@ def test_a_header_that_is_not_utf8_is_refused_but_a_bad_byte_in_a_row_is_left_to
     assert problems_of(job) == [f"{job}: input.path: input.csv: the header is not UTF-8 text"]
     (tmp_path / "input.csv").write_bytes(b"id,prompt\nr1,hel\xfflo\n")
     assert load_job(job).columns == ("id", "prompt")
+
+
+def refusal(job: Path) -> list[str]:
+    """``batchrun validate``'s message lines for ``job``, which it must refuse with exit 2 and no
+    traceback."""
+    result = invoke("validate", job)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.stderr.splitlines()
+
+
+def test_an_input_path_that_is_a_directory_says_so_not_not_found(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    job = job_with(tmp_path, input_path="data")
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.path: {tmp_path / 'data'} is a directory; name a file, "
+        "or a glob such as 'data/*.parquet'"
+    ]
+
+
+def test_a_glob_that_matches_only_directories_says_no_file_matches(tmp_path: Path) -> None:
+    (tmp_path / "data" / "2024.csv").mkdir(parents=True)
+    job = job_with(tmp_path, input_path="data/*.csv")
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.path: no file matches 'data/*.csv' (it matches only "
+        f"directories) (looked in {tmp_path})"
+    ]
+
+
+def test_a_parquet_glob_whose_files_type_a_column_differently_is_refused_naming_both(tmp_path: Path) -> None:
+    """Only names were compared: the run then failed joining the files' rows (exit 1)."""
+    (tmp_path / "data").mkdir()
+    rows = prompt_rows(2)
+    pq.write_table(pa.table({"id": [1, 2], "prompt": [r["prompt"] for r in rows]}), tmp_path / "data" / "a.parquet")
+    pq.write_table(pa.table({"id": ["3", "4"], "prompt": [r["prompt"] for r in rows]}), tmp_path / "data" / "b.parquet")
+    job = job_with(tmp_path, input_path="data/*.parquet")
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.path: column 'id' is int64 in a.parquet but string in "
+        "b.parquet; every input file must give a column the same type"
+    ]
+
+
+def parquet_with(folder: Path, column: pa.Array) -> Path:
+    """``input.parquet``: columns id, prompt (text) and ``odd`` holding ``column``."""
+    n = len(column)
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(n)], "prompt": ["hi"] * n, "odd": column}),
+        folder / "input.parquet",
+    )
+    return folder / "input.parquet"
+
+
+NOT_TEXT = [
+    (pa.array([["a", "b"]]), "list<string>"),
+    (pa.array([{"x": 1, "y": [2]}]), "struct<x: int64, y: list<int64>>"),
+    (pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64())), "map<string, int64>"),
+    (pa.array([b"bytes"], pa.binary()), "binary"),
+    (pa.array([True]), "bool"),
+    (pa.array([datetime.date(2024, 1, 1)]), "date32[day]"),
+]
+
+
+@pytest.mark.parametrize(("column", "shown"), NOT_TEXT, ids=[s for _, s in NOT_TEXT])
+def test_a_prompt_column_that_is_not_text_or_a_number_is_refused_naming_its_type(
+    tmp_path: Path, column: pa.Array, shown: str
+) -> None:
+    parquet_with(tmp_path, column)
+    job = job_with(tmp_path, input_path="input.parquet", input={"prompt_column": "odd"})
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.prompt_column: column 'odd' is {shown}, not text or "
+        "a number; a prompt must be text (numbers are sent as their text)"
+    ]
+
+
+def test_a_template_over_a_list_column_is_refused_rather_than_sending_its_repr(tmp_path: Path) -> None:
+    parquet_with(tmp_path, pa.array([["a", "b"]]))
+    job = job_with(tmp_path, input_path="input.parquet", input={"prompt_column": None, "template": "{prompt}: {odd}"})
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.template: column 'odd' is list<string>, not text or "
+        "a number; a template may only name text or number columns"
+    ]
+
+
+NOT_IDS = [
+    (pa.array([["a"]]), "list<string>"),
+    (pa.array([{"x": 1}]), "struct<x: int64>"),
+    (pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64())), "map<string, int64>"),
+    (pa.array([b"bytes"], pa.large_binary()), "large_binary"),
+    (pa.array([[1, 2]], pa.list_(pa.int32(), 2)), "fixed_size_list<int32>[2]"),
+]
+
+
+@pytest.mark.parametrize(("column", "shown"), NOT_IDS, ids=[s for _, s in NOT_IDS])
+def test_an_id_column_of_a_type_that_cannot_be_an_id_is_refused_at_load(
+    tmp_path: Path, column: pa.Array, shown: str
+) -> None:
+    parquet_with(tmp_path, column)
+    job = job_with(tmp_path, input_path="input.parquet", input={"id_column": "odd"})
+    assert refusal(job) == [
+        f"batchrun: error: {job}: input.id_column: column 'odd' is {shown}, which cannot be "
+        "an id; use a column of text, integers or dates"
+    ]
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array([7], pa.int16()),
+        pa.array([2.5]),
+        pa.array([decimal.Decimal("2.50")], pa.decimal128(5, 2)),
+        pa.array(["x"], pa.large_string()),
+        pa.array(["x"]).dictionary_encode(),
+    ],
+    ids=lambda c: str(c.type),
+)
+def test_a_prompt_or_template_column_of_text_or_numbers_is_accepted(tmp_path: Path, column: pa.Array) -> None:
+    parquet_with(tmp_path, column)
+    assert load_job(job_with(tmp_path, input_path="input.parquet", input={"prompt_column": "odd"})).prompt_column == "odd"
+    template = {"prompt_column": None, "template": "{odd}"}
+    assert load_job(job_with(tmp_path, input_path="input.parquet", input=template)).template_fields == ("odd",)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [pa.array([7]), pa.array([datetime.date(2024, 1, 1)]), pa.array([datetime.datetime(2024, 1, 1)]), pa.array(["x"]).dictionary_encode()],
+    ids=lambda c: str(c.type),
+)
+def test_an_id_column_of_integers_dates_or_text_is_accepted(tmp_path: Path, column: pa.Array) -> None:
+    parquet_with(tmp_path, column)
+    assert load_job(job_with(tmp_path, input_path="input.parquet", input={"id_column": "odd"})).id_column == "odd"
+
+
+def test_column_type_problems_are_reported_with_every_other_problem(tmp_path: Path) -> None:
+    parquet_with(tmp_path, pa.array([{"x": 1}]))
+    job = job_with(tmp_path, input_path="input.parquet", input={"prompt_column": "odd", "id_column": "odd"},
+                   run={"batch_size": 0})
+    assert [line.split(": ")[3] for line in refusal(job)] == [
+        "run.batch_size", "input.prompt_column", "input.id_column",
+    ]
 
 
 def test_output_path_must_be_parquet(folder: Path) -> None:

@@ -366,9 +366,9 @@ def test_the_id_check_spilled_to_disk_for_a_big_input_finds_duplicates_across_fi
     """Past ``_IDS_IN_MEMORY`` ids the digests go to temporary partition files: a duplicate in
     the first and the last of three files is still found, unique ids still pass, and the
     temporary files are gone either way."""
-    from batchrun import source
+    from batchrun import iddigests
 
-    monkeypatch.setattr(source, "_IDS_IN_MEMORY", 500)
+    monkeypatch.setattr(iddigests, "_IDS_IN_MEMORY", 500)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(scratch))
@@ -562,6 +562,19 @@ def test_a_field_longer_than_csv_max_row_mb_is_refused_naming_the_key_and_raisin
     job = write_job(tmp_path, endpoint.url, run={"batch_size": 64, "concurrency": 4})
     assert run_job(job).exit_code == 0
     assert sorted(endpoint.log.prompts_received) == sorted(r["prompt"] for r in rows)
+    assert_exact(tmp_path / "out" / "result.parquet", rows)
+
+
+def test_a_first_csv_row_longer_than_the_first_block_is_read_by_growing_the_block(
+    tmp_path: Path, endpoint: LiveEndpoint
+) -> None:
+    """Opening pyarrow's reader already parses the first block: a 1 MB first row failed there,
+    outside the retry with a larger block, and was refused as longer than csv_max_row_mb (16)."""
+    rows = prompt_rows(20)
+    rows[0]["prompt"] = "long " * (200 * 1024)
+    write_csv(tmp_path / "input.csv", rows)
+    job = write_job(tmp_path, endpoint.url)
+    assert run_job(job).exit_code == 0
     assert_exact(tmp_path / "out" / "result.parquet", rows)
 
 

@@ -1,0 +1,132 @@
+"""What batchrun checks of its input before it sends anything: the files' schema, the types a
+prompt, template or id column may have, and a readable sample of every file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import csvinput, source
+from .errors import JobError
+
+if TYPE_CHECKING:
+    from .config import JobSpec
+
+
+def read_schema(files: Sequence[Path], fmt: str) -> pa.Schema:
+    """The input's columns and their types (CSV: all text); every file of a glob must have the
+    same columns, in order, of the same types (Arrow cannot join a column of two types)."""
+    first: pa.Schema | None = None
+    problems = []
+    for f in files:
+        schema = _file_schema(f, fmt)
+        if first is None:
+            first = schema
+        elif schema.names != first.names:
+            raise JobError(
+                f"{f.name} has columns {schema.names}, but {files[0].name} has {first.names}; "
+                "every input file must have the same columns"
+            )
+        else:
+            problems += [
+                f"column {a.name!r} is {a.type} in {files[0].name} but {b.type} in {f.name}; "
+                "every input file must give a column the same type"
+                for a, b in zip(first, schema)
+                if not a.type.equals(b.type)
+            ]
+    if problems:
+        raise JobError(problems)
+    names = first.names if first is not None else []
+    if len(set(names)) != len(names):
+        dup = sorted({c for c in names if names.count(c) > 1})
+        raise JobError(f"the input has duplicate column names: {dup}")
+    return first if first is not None else pa.schema([])
+
+
+def _file_schema(path: Path, fmt: str) -> pa.Schema:
+    if fmt == "csv":
+        return pa.schema([(name, pa.string()) for name in csvinput.header(path)])
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise JobError(f"cannot read {path.name} as parquet: {source.one_line(exc)}") from None
+
+
+def column_type_problems(
+    schema: pa.Schema, *, prompt_column: str | None, template_fields: Sequence[str], id_column: str | None
+) -> list[str]:
+    """What is wrong with the types of the columns a job names (columns it lacks are left to
+    the caller): a prompt is made of text or numbers, an id of a scalar that prints exactly."""
+    types = dict(zip(schema.names, schema.types))
+    problems = []
+    if prompt_column in types and not _text_or_number(types[prompt_column]):
+        problems.append(
+            f"input.prompt_column: column {prompt_column!r} is {_shown(types[prompt_column])}, not "
+            "text or a number; a prompt must be text (numbers are sent as their text)"
+        )
+    for name in template_fields:
+        if name in types and not _text_or_number(types[name]):
+            problems.append(
+                f"input.template: column {name!r} is {_shown(types[name])}, not text or a number; a "
+                "template may only name text or number columns"
+            )
+    if id_column in types and not _id_type(types[id_column]):
+        problems.append(
+            f"input.id_column: column {id_column!r} is {_shown(types[id_column])}, which cannot be "
+            "an id; use a column of text, integers or dates"
+        )
+    return problems
+
+
+def _shown(t: pa.DataType) -> str:
+    """A type as a user knows it: ``list<string>``, not the child field names a writer chose."""
+    if pa.types.is_map(t):
+        return f"map<{_shown(t.key_type)}, {_shown(t.item_type)}>"
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{_shown(t.value_type)}>[{t.list_size}]"
+    if isinstance(t, (pa.ListType, pa.LargeListType, pa.ListViewType, pa.LargeListViewType)):
+        return f"{str(t).split('<', 1)[0]}<{_shown(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(f"{f.name}: {_shown(f.type)}" for f in t) + ">"
+    return str(t)
+
+
+def _text_or_number(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _text_or_number(t.value_type)
+    # null: a column with no value at all (every row an empty prompt, none sent).
+    return _is_text(t) or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)
+
+
+def _id_type(t: pa.DataType) -> bool:
+    """Types whose values print as one exact, stable text (checkpoint files keep ids as text)."""
+    if pa.types.is_dictionary(t):
+        return _id_type(t.value_type)
+    return _is_text(t) or any(
+        check(t)
+        for check in (
+            pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_boolean,
+            pa.types.is_date, pa.types.is_timestamp, pa.types.is_time,
+        )
+    )
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def check_sample(spec: JobSpec) -> None:
+    """Read and render a sample of every input file as a run would, cheaply: the first block of
+    a CSV file, the first row group of a Parquet file's prompt and id columns (never a whole
+    file, in bounded memory). Raises ``JobError`` naming the file that cannot be read."""
+    columns = list(dict.fromkeys([*spec.prompt_columns, *([spec.id_column] if spec.id_column else [])]))
+    for f in spec.input_files:
+        for batch in source.read_sample(spec, f, columns):
+            table = pa.Table.from_batches([batch])
+            source.render_prompts(table, spec)
+            if spec.id_column:
+                source.id_strings(table, spec.id_column)
