@@ -82,7 +82,7 @@ def with_files(inner: Callable[[Path, str], list[Any]], make: Callable[[Path], N
 
 
 def prompts_table(prompts: list[Any], type_: pa.DataType | None = None) -> pa.Table:
-    return pa.table({"id": [f"r{i}" for i in range(len(prompts))], "prompt": pa.array(prompts, type_)})
+    return pa.table({"id": pa.array([f"r{i}" for i in range(len(prompts))], pa.string()), "prompt": pa.array(prompts, type_)})
 
 
 def symlink_output_to_input(folder: Path) -> None:
