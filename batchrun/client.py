@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import io
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -15,8 +13,9 @@ from typing import Any, NamedTuple
 import aiohttp
 from aiolimiter import AsyncLimiter
 
-from .errors import AuthError, EndpointError, OutageError
-from .protocol import Answer, ResponseError, build_request, match_response
+from .errors import AuthError, EndpointError
+from .protocol import Answer, EchoMatch, ResponseError, build_request, match_response
+from .retry import INVALID, OutageVerdict, RetryLog, RetryPolicy, parse_retry_after
 
 # A hostile or broken endpoint must not exhaust memory: larger responses are refused.
 DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
@@ -47,50 +46,18 @@ class Accounting:
 
 
 class _Transient(Exception):
-    def __init__(self, cause: str, reason: str, retry_after: float | None = None):
+    def __init__(self, cause: str, reason: str, retry_after: float | None = None, connect: bool = False):
         self.cause, self.reason, self.retry_after = cause, reason, retry_after
+        self.connect = connect  # the request never reached the server: refused, DNS, unreachable, TLS
+
+
+class _Stopping(Exception):
+    """The run is stopping: no new attempt starts, and waits end at once."""
 
 
 class _Rejected(Exception):
     def __init__(self, status: int, reason: str):
         self.status, self.reason = status, reason
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """When and how long to wait before trying again: the one place that decides it.
-
-    Exponential backoff with full jitter, raised to the endpoint's ``Retry-After`` (capped), and
-    an outage verdict after ``outage_after`` failed attempts in a row across all requests.
-    """
-
-    max_retries: int
-    base_s: float
-    cap_s: float
-    retry_after_cap_s: float = 120.0
-    outage_after: int = 20
-
-    def delay(self, retry: int, retry_after: float | None = None) -> float:
-        jitter = random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** (retry - 1)))
-        if retry_after is None:
-            return jitter
-        return max(jitter, min(retry_after, self.retry_after_cap_s))
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class Throttle:
@@ -111,25 +78,65 @@ class Throttle:
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
-    async def wait(self, prompts: int) -> float:
-        """Wait for a turn to send ``prompts`` prompts; return the seconds waited."""
+    async def wait(self, prompts: int, stop: asyncio.Event | None = None) -> float:
+        """Wait for a turn to send ``prompts`` prompts; return the seconds waited.
+
+        Raises ``_Stopping`` as soon as ``stop`` is set: a stopping run sends nothing new.
+        """
         started = time.monotonic()
-        await self._sit_out_pause()
+        await self._sit_out_pause(stop)
         if self._requests is not None:
-            await self._requests.acquire()
+            await _unless_stopped(self._requests.acquire(), stop)
         if self._prompts is not None:
-            await self._prompts.acquire(min(prompts, self._batch))
+            await _unless_stopped(self._prompts.acquire(min(prompts, self._batch)), stop)
         # A 429 answered while this request queued on a limiter holds it too.
-        await self._sit_out_pause()
+        await self._sit_out_pause(stop)
         return time.monotonic() - started
 
-    async def _sit_out_pause(self) -> None:
+    async def _sit_out_pause(self, stop: asyncio.Event | None) -> None:
         while (left := self._paused_until - time.monotonic()) > 0:
-            await asyncio.sleep(left)
+            await sleep_unless_stopped(left, stop)
+
+
+async def sleep_unless_stopped(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep ``seconds``; raise ``_Stopping`` at once if ``stop`` is or becomes set."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    if stop.is_set():
+        raise _Stopping
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return
+    raise _Stopping
+
+
+async def _unless_stopped(waiting: Any, stop: asyncio.Event | None) -> None:
+    """Await ``waiting`` (a limiter's turn), giving it up with ``_Stopping`` if ``stop`` is set."""
+    if stop is None:
+        await waiting
+        return
+    turn = asyncio.ensure_future(waiting)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((turn, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not turn.done():
+            turn.cancel()
+    if stop.is_set() and (turn.cancelled() or not turn.done()):
+        raise _Stopping
+    turn.result()
 
 
 class EndpointClient:
-    """Sends batches of prompts and returns one outcome per prompt; never raises for a row."""
+    """Sends batches of prompts and returns one outcome per prompt; never raises for a row.
+
+    Raises ``OutageError`` when the endpoint, not the rows, is at fault (see ``OutageVerdict``).
+    Once ``stop`` is set, no attempt starts and backoff and throttle waits end at once; rows not
+    answered by then stay unresolved (``None``), to be sent by the next run.
+    """
 
     def __init__(
         self,
@@ -142,6 +149,10 @@ class EndpointClient:
         throttle: Throttle | None = None,
         accounting: Accounting | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        *,
+        echo_match: EchoMatch = "exact",
+        stop: asyncio.Event | None = None,
+        retry_log: RetryLog | None = None,
     ):
         self._session = session
         self._url = url
@@ -153,16 +164,29 @@ class EndpointClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._throttle = throttle or Throttle(None, None, 1)
         self._max_bytes = max_response_bytes
-        self._failures_in_a_row = 0
+        self._echo_match = echo_match
+        self._stop = stop
+        self.verdict = OutageVerdict(policy.outage_after)
+        self.retry_log = retry_log or RetryLog()
         self.accounting = accounting if accounting is not None else Accounting()
 
-    async def process(self, prompts: Sequence[str]) -> list[RowOutcome]:
-        """Answer every prompt, retrying failed attempts and splitting refused batches."""
-        outcomes: list[RowOutcome | None] = [None] * len(prompts)
+    async def process(
+        self, prompts: Sequence[str], outcomes: list[RowOutcome | None] | None = None
+    ) -> list[RowOutcome | None]:
+        """Answer every prompt, retrying failed attempts and splitting refused batches.
+
+        Outcomes are written into ``outcomes`` as they come, so that a caller whose call is
+        cancelled, or ends in ``OutageError``, still holds the rows answered before. Every entry
+        is set unless the run is stopping.
+        """
+        if outcomes is None:
+            outcomes = [None] * len(prompts)
         attempts = [0] * len(prompts)
-        await self._process(list(range(len(prompts))), prompts, outcomes, attempts)
-        assert all(o is not None for o in outcomes)
-        return outcomes  # type: ignore[return-value]
+        try:
+            await self._process(list(range(len(prompts))), prompts, outcomes, attempts)
+        except _Stopping:
+            pass
+        return outcomes
 
     async def _process(
         self,
@@ -171,12 +195,14 @@ class EndpointClient:
         outcomes: list[RowOutcome | None],
         attempts: list[int],
     ) -> None:
-        cause, reason, retry_after = "", "", None
+        failure = _Transient("", "")
         for attempt in range(self._policy.max_retries + 1):
             if attempt:
-                self.accounting.retries[cause] += 1
-                await asyncio.sleep(self._policy.delay(attempt, retry_after))
-            self.accounting.throttle_wait_s += await self._throttle.wait(len(pending))
+                self.accounting.retries[failure.cause] += 1
+                await sleep_unless_stopped(self._policy.delay(attempt, failure.retry_after), self._stop)
+            self.accounting.throttle_wait_s += await self._throttle.wait(len(pending), self._stop)
+            if self._stop is not None and self._stop.is_set():
+                raise _Stopping
             for i in pending:
                 if attempts[i]:
                     self.accounting.prompts_resent += 1
@@ -185,7 +211,7 @@ class EndpointClient:
             try:
                 matched = await self._attempt([prompts[i] for i in pending])
             except _Transient as exc:
-                cause, reason, retry_after = exc.cause, exc.reason, exc.retry_after
+                failure = exc
                 self._failed_attempt(exc)
                 continue
             except _Rejected as exc:
@@ -200,35 +226,49 @@ class EndpointClient:
                 await self._process(pending[half:], prompts, outcomes, attempts)
                 return
             latency = time.monotonic() - started
-            self._failures_in_a_row = 0
             for j, answer in matched.answers.items():
                 i = pending[j]
                 outcomes[i] = RowOutcome(answer, None, attempts[i], latency)
             pending = [i for j, i in enumerate(pending) if j not in matched.answers]
             if not pending:
+                self.verdict.answer()
+                self.retry_log.tick()
                 return
-            cause, reason, retry_after = "invalid_response", matched.problem or "invalid response", None
+            failure = _Transient(INVALID, self._redact(matched.problem or "invalid response"))
+            if matched.answers:
+                self.verdict.answer()
+                self.retry_log.failed(failure.cause, failure.reason)
+            else:
+                # Nothing usable came back: as much the endpoint's failure as a 5xx.
+                self._failed_attempt(failure)
+        if self._stop is not None and self._stop.is_set():
+            raise _Stopping  # cut short: whether these rows or the endpoint are at fault is unknown
+        self.verdict.give_up(failure.cause, failure.reason, failure.connect)
         for i in pending:
             outcomes[i] = RowOutcome(
-                None, f"{cause}: {reason} (gave up after {attempts[i]} attempts)", attempts[i], None
+                None, f"{failure.cause}: {failure.reason} (gave up after {attempts[i]} attempts)", attempts[i], None
             )
 
     def _snippet(self, raw: bytes) -> str:
         # An endpoint may quote the request back in its error; the key must not reach a message.
-        return _snippet(raw, self._headers.get("Authorization", "").removeprefix("Bearer "))
+        return _snippet(raw, self._secret())
+
+    def _redact(self, text: str) -> str:
+        # Problems quote the answer (echoes, "message"), which a careless endpoint may fill with
+        # the request's headers.
+        secret = self._secret()
+        return text.replace(secret, "[redacted]") if secret else text
+
+    def _secret(self) -> str:
+        return self._headers.get("Authorization", "").removeprefix("Bearer ")
 
     def _failed_attempt(self, exc: _Transient) -> None:
+        self.retry_log.failed(exc.cause, exc.reason)
         if exc.cause == "http_429":
             # The endpoint is saturated: everyone backs off, not only this request.
             self._throttle.pause(self._policy.delay(1, exc.retry_after))
             return
-        self._failures_in_a_row += 1
-        if self._failures_in_a_row >= self._policy.outage_after:
-            raise OutageError(
-                f"the endpoint failed {self._failures_in_a_row} attempts in a row "
-                f"(last: {exc.cause}: {exc.reason}); stopped early with progress kept: "
-                "run the same command when the endpoint is back"
-            )
+        self.verdict.failure(exc.cause, exc.reason)
 
     async def _attempt(self, prompts: list[str]):
         body: bytes | io.BytesIO = build_request(self._model, prompts, self._params)
@@ -262,6 +302,9 @@ class EndpointClient:
                     raise _Transient(f"http_{status}", f"unexpected HTTP {status}")
         except asyncio.TimeoutError:
             raise _Transient("timeout", "no complete answer within endpoint.timeout_s") from None
+        except aiohttp.ClientConnectorError as exc:
+            # Refused, DNS, unreachable, TLS: the request never reached the server.
+            raise _Transient("connection", f"{exc.__class__.__name__}: {exc}", connect=True) from None
         except aiohttp.ClientConnectionError as exc:
             raise _Transient("connection", f"{exc.__class__.__name__}: {exc}") from None
         except aiohttp.ClientPayloadError as exc:
@@ -269,9 +312,9 @@ class EndpointClient:
         except _ResponseTooLarge as exc:
             raise _Transient("invalid_response", str(exc)) from None
         try:
-            return match_response(raw, prompts)
+            return match_response(raw, prompts, self._echo_match)
         except ResponseError as exc:
-            raise _Transient("invalid_response", str(exc)) from None
+            raise _Transient(INVALID, self._redact(str(exc))) from None
 
 
 class _ResponseTooLarge(Exception):

@@ -42,6 +42,7 @@ class EndpointSection(_Section):
     timeout_s: float = Field(300.0, gt=0, le=86400)
     max_response_mb: float = Field(256.0, gt=0, le=65536)
     allow_insecure_http: bool = False
+    echo_match: Literal["exact", "trimmed", "position"] = "exact"
 
 
 class ParamsSection(_Section):
@@ -100,6 +101,8 @@ class JobSpec(BaseModel):
     api_key_env: str | None
     timeout_s: float
     max_response_bytes: int
+    # Not among settings(): it changes which answers are accepted, not what an answer holds.
+    echo_match: Literal["exact", "trimmed", "position"] = "exact"
     params: dict[str, Any]
     run: RunSection
     output_path: Path
@@ -333,6 +336,7 @@ def _resolve(
         api_key_env=ep.api_key_env,
         timeout_s=ep.timeout_s,
         max_response_bytes=int(ep.max_response_mb * (1 << 20)),
+        echo_match=ep.echo_match,
         params=sections["params"].model_dump(exclude_none=True),
         run=run,
         output_path=output_path,

@@ -17,10 +17,11 @@ import pyarrow as pa
 
 from . import source
 from .checkpoint import EMPTY_PROMPT, RESULT_SCHEMA, RunState, SegmentInfo, crashpoint
-from .client import Accounting, EndpointClient, RetryPolicy, RowOutcome, Throttle, make_session
+from .client import Accounting, EndpointClient, RowOutcome, Throttle, make_session
 from .config import BUILTIN, JobSpec
 from .errors import BatchrunError, InterruptedRun
 from .protocol import Answer
+from .retry import RetryPolicy
 from .sink import params_types
 
 log = logging.getLogger("batchrun")
@@ -226,8 +227,13 @@ class Engine:
                     throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
                     accounting=self.accounting,
                     max_response_bytes=self.spec.max_response_bytes,
+                    echo_match=self.spec.echo_match,
+                    stop=self.stop,
                 )
-                await self._pipeline(client)
+                try:
+                    await self._pipeline(client)
+                finally:
+                    client.retry_log.flush()
         finally:
             if server_runner is not None:
                 await server_runner.cleanup()
@@ -319,17 +325,17 @@ class Engine:
                 # A one-line append, not worth a thread hop: it lets the next run count resends.
                 self.state.journal_sent(seg.k, batch.rows)
                 self.accounting.prompts_resent += len(seg.sent_before.intersection(batch.rows))
-                outcomes = await client.process([seg.texts[i] for i in batch.rows])
-                for i, outcome in zip(batch.rows, outcomes):
-                    seg.outcomes[i] = outcome
-                seg.dirty = True
+                outcomes: list[RowOutcome | None] = [None] * len(batch.rows)
+                try:
+                    await client.process([seg.texts[i] for i in batch.rows], outcomes)
+                finally:
+                    # Also when stopped, cancelled or ended by an outage: rows answered so far are
+                    # kept (a partial checkpoint saves them), the others stay unresolved.
+                    resolved = self._keep(seg, batch.rows, outcomes)
                 crashpoint("batch:answered")
-                failed = sum(o.error is not None for o in outcomes)
-                self.answered += len(outcomes) - failed
-                self.progress.done += len(outcomes)
-                self.progress.failed += failed
-                self.progress.sent += len(outcomes)
                 self._report()
+                if resolved < len(outcomes):
+                    continue  # the run is stopping: the segment stays open and is not committed
                 seg.outstanding -= 1
                 if seg.outstanding == 0:
                     await self._commit(seg)
@@ -338,7 +344,26 @@ class Engine:
             if self.live_workers == 0:
                 self.workers_done.set()
 
+    def _keep(self, seg: Segment, rows: list[int], outcomes: list[RowOutcome | None]) -> int:
+        """Put a batch's resolved outcomes on its segment and count them; return how many."""
+        resolved = failed = 0
+        for i, outcome in zip(rows, outcomes):
+            if outcome is not None:
+                seg.outcomes[i] = outcome
+                resolved += 1
+                failed += outcome.error is not None
+        if resolved:
+            seg.dirty = True
+        self.answered += resolved - failed
+        self.progress.done += resolved
+        self.progress.failed += failed
+        self.progress.sent += resolved
+        return resolved
+
     async def _commit(self, seg: Segment) -> None:
+        if None in seg.outcomes:
+            # A committed segment is final: a row in it without an outcome would be lost.
+            raise RuntimeError(f"segment {seg.k} has unresolved rows; it must not be committed")
         table = seg.to_table(only_resolved=False)
         info = segment_info(table)
         async with self.write_lock:

@@ -6,7 +6,13 @@ import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
+
+# How an item is paired with the prompt it answers (``endpoint.echo_match``):
+# "exact": by its echoed prompt, equal to the one sent; "trimmed": by its echoed prompt after
+# surrounding whitespace is stripped and newlines normalised; "position": by its place, only when
+# the answer has exactly one item per prompt sent (echoes are not read).
+EchoMatch = Literal["exact", "trimmed", "position"]
 
 
 class ResponseError(Exception):
@@ -40,16 +46,26 @@ def build_request(model: str, prompts: Sequence[str], params: dict[str, Any]) ->
     ).encode("utf-8")
 
 
-def match_response(body: bytes, sent: Sequence[str]) -> Matched:
+def normalise_echo(text: str) -> str:
+    """What ``echo_match = "trimmed"`` compares: CRLF and CR read as LF, surrounding whitespace
+    stripped."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def match_response(body: bytes, sent: Sequence[str], echo_match: EchoMatch = "exact") -> Matched:
     """Check a response against the prompts sent and pair each valid item with its prompt.
 
     Items are matched by their echoed prompt, never by position alone, so a reordered answer
     lands right and a short, altered or padded one never puts an output on the wrong prompt.
-    Where a prompt has more items than it was sent, none of them is trusted.
+    Where a prompt has more items than it was sent, none of them is trusted. ``echo_match``
+    loosens the echo check (see ``EchoMatch``); every other check holds in every mode.
     """
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
+        if body.lstrip()[:1] == b"<":
+            # A proxy's or framework's error page served with status 200.
+            raise ResponseError(f"response is HTML, not JSON ({_short(repr(body.lstrip()[:60]))})") from None
         raise ResponseError(f"response is not JSON ({exc.__class__.__name__}: {_short(str(exc))})") from None
     if not isinstance(doc, dict):
         raise ResponseError(f"response is not a JSON object (got {type(doc).__name__})")
@@ -60,55 +76,133 @@ def match_response(body: bytes, sent: Sequence[str]) -> Matched:
         raise ResponseError(f"response data is not a list (got {type(data).__name__})")
 
     memo: list[Any] = []
+    if echo_match == "position":
+        return _match_by_position(data, sent, memo)
+    trimmed = echo_match == "trimmed"
     if len(data) == len(sent):
-        matched = _match_in_order(data, sent, memo)
+        matched = _match_in_order(data, sent, memo, trimmed)
         if matched is not None:
             return matched
 
+    key = normalise_echo if trimmed else _same
     slots: dict[str, list[int]] = defaultdict(list)
     for i, prompt in enumerate(sent):
-        slots[prompt].append(i)
+        slots[key(prompt)].append(i)
     items_for: dict[str, list[Answer]] = defaultdict(list)
-    problems: list[str] = []
+    problems = _Problems()
+    unmatched: list[str] = []
     for n, item in enumerate(data):
         answer, prompt, why = _check_item(item, memo)
         if why:
-            problems.append(f"item {n}: {why}")
-        elif prompt not in slots:
-            problems.append(f"item {n}: echoed prompt matches no prompt sent ({_short(repr(prompt))})")
+            problems.add(n, *why)
+        elif key(prompt) not in slots:
+            problems.add(n, "echoed prompt matches no prompt sent", _short(repr(prompt)))
+            unmatched.append(prompt)
         else:
-            items_for[prompt].append(answer)
+            items_for[key(prompt)].append(answer)
 
     result = Matched()
     for prompt, answers in items_for.items():
         indexes = slots[prompt]
         if len(answers) > len(indexes):
-            problems.append(f"{len(answers)} items for a prompt sent {len(indexes)} time(s)")
+            problems.add(None, f"{len(answers)} items for a prompt sent {len(indexes)} time(s)")
             continue
         # Identical prompts are interchangeable: each answer belongs to that prompt's text.
         result.answers.update(zip(indexes, answers))
     missing = len(sent) - len(result.answers)
+    head: list[str] = []
+    if unmatched and not trimmed:
+        head += _whitespace_hint(unmatched, sent)
     if len(data) != len(sent):
-        problems.insert(0, f"{len(data)} items for {len(sent)} prompts")
-    if missing and not problems:
-        problems.append(f"{missing} prompt(s) unanswered")
-    if missing or problems:
-        result.problem = "invalid response: " + "; ".join(problems[:3]) + (
-            f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        head.append(f"{len(data)} items for {len(sent)} prompts")
+    lines = head + problems.lines()
+    if missing and not lines:
+        lines.append(f"{missing} prompt(s) unanswered")
+    if missing or lines:
+        result.problem = "invalid response: " + "; ".join(lines[:3]) + (
+            f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
         )
     return result
 
 
-def _match_in_order(data: list[Any], sent: Sequence[str], memo: list[Any]) -> Matched | None:
+def _same(text: str) -> str:
+    return text
+
+
+def _whitespace_hint(unmatched: list[str], sent: Sequence[str]) -> list[str]:
+    """Say so when echoes differ from the prompts sent only in whitespace or newline style: the
+    endpoint trims or rewrites what it echoes, and ``echo_match = "trimmed"`` is the remedy."""
+    normal = {normalise_echo(p) for p in sent}
+    near = sum(normalise_echo(e) in normal for e in unmatched)
+    if not near:
+        return []
+    if near == len(unmatched):
+        return ['echoed prompts differ from those sent only in surrounding whitespace or newlines; '
+                'set endpoint.echo_match = "trimmed"']
+    return [f"{near} of {len(unmatched)} unmatched echoed prompts differ from those sent only in surrounding "
+            'whitespace or newlines (endpoint.echo_match = "trimmed" would accept them)']
+
+
+class _Problems:
+    """Item problems, each kind said once: an answer whose every item fails the same way reads
+    "16 items: ..." rather than sixteen lines of which three are shown."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, list[tuple[int | None, str | None]]] = {}
+
+    def add(self, item: int | None, kind: str, detail: str | None = None) -> None:
+        self._kinds.setdefault(kind, []).append((item, detail))
+
+    def lines(self) -> list[str]:
+        out = []
+        for kind, where in self._kinds.items():
+            n, detail = where[0]
+            if n is None:
+                out.append(kind)
+            elif len(where) == 1:
+                out.append(f"item {n}: {kind}" + (f" ({detail})" if detail else ""))
+            else:
+                out.append(f"{len(where)} items: {kind} (first: item {n}" + (f", {detail})" if detail else ")"))
+        return out
+
+
+def _match_by_position(data: list[Any], sent: Sequence[str], memo: list[Any]) -> Matched:
+    """``echo_match = "position"``: item i answers prompt i when there is one item per prompt;
+    otherwise nothing can be placed. Each item is still checked, its echo excepted."""
+    if len(data) != len(sent):
+        return Matched(problem=(
+            f"invalid response: {len(data)} items for {len(sent)} prompts; "
+            'echo_match = "position" places only an answer with one item per prompt sent'
+        ))
+    result = Matched()
+    problems = _Problems()
+    for n, item in enumerate(data):
+        answer, _, why = _check_item(item, memo, need_echo=False)
+        if why:
+            problems.add(n, *why)
+        else:
+            result.answers[n] = answer
+    lines = problems.lines()
+    if lines:
+        result.problem = "invalid response: " + "; ".join(lines[:3]) + (
+            f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
+        )
+    return result
+
+
+def _match_in_order(data: list[Any], sent: Sequence[str], memo: list[Any], trimmed: bool) -> Matched | None:
     """The common case, checked in one pass: every item valid and echoing the prompt sent at its
     own position. Items paired with equal prompts are a matching by echo, as in the general path;
     anything else returns None and the general path sorts it out."""
     answers: dict[int, Answer] = {}
     for i, (item, prompt) in enumerate(zip(data, sent)):
-        if type(item) is not dict or item.get("prompt") != prompt:
+        if type(item) is not dict:
+            return None
+        echo = item.get("prompt")
+        if echo != prompt and not (trimmed and type(echo) is str and normalise_echo(echo) == normalise_echo(prompt)):
             return None
         output = item.get("output")
-        if type(output) is not list or not all(type(o) is str for o in output):
+        if type(output) is not list or not output or not all(type(o) is str for o in output):
             return None
         params = item.get("params")
         if params is not None and type(params) is not dict:
@@ -117,18 +211,24 @@ def _match_in_order(data: list[Any], sent: Sequence[str], memo: list[Any]) -> Ma
     return Matched(answers)
 
 
-def _check_item(item: Any, memo: list[Any]) -> tuple[Answer | None, str | None, str | None]:
+def _check_item(
+    item: Any, memo: list[Any], need_echo: bool = True
+) -> tuple[Answer | None, str | None, tuple[str, str | None] | None]:
+    """An item's answer and echo, or why it is unusable: (kind of problem, detail)."""
     if not isinstance(item, dict):
-        return None, None, f"not an object (got {type(item).__name__})"
+        return None, None, ("not an object", f"got {type(item).__name__}")
     prompt = item.get("prompt")
-    if not isinstance(prompt, str):
-        return None, None, "no echoed prompt"
+    if need_echo and not isinstance(prompt, str):
+        return None, None, ("no echoed prompt", None)
     output = item.get("output")
     if not isinstance(output, list) or not all(isinstance(o, str) for o in output):
-        return None, None, f"output is not a list of strings (got {type(output).__name__})"
+        return None, None, ("output is not a list of strings", f"got {type(output).__name__}")
+    if not output:
+        # No text at all for a prompt is the endpoint failing to answer it, not an answer.
+        return None, None, ("output is an empty list", None)
     params = item.get("params")
     if params is not None and not isinstance(params, dict):
-        return None, None, f"params is not an object (got {type(params).__name__})"
+        return None, None, ("params is not an object", f"got {type(params).__name__}")
     return Answer(output, _params_json(params, memo)), prompt, None
 
 

@@ -96,9 +96,13 @@ class RunSummary:
     shard: str = ""
     output_path: str = ""
     message: str = ""
+    echo_match: str = "exact"
 
     def line(self) -> str:
         """The one summary line printed at the end of a run."""
+        return self._line() + _ECHO_NOTES.get(self.echo_match, "")
+
+    def _line(self) -> str:
         if self.status == "nothing_to_do":
             return f"batchrun: nothing to do: all {self.total_rows} rows are done ({self.output_path})"
         if self.status == "shard_complete":
@@ -138,6 +142,13 @@ class RunSummary:
         return asdict(self)
 
 
+# Every summary of a run whose answers were not matched by their exact echo says so.
+_ECHO_NOTES = {
+    "trimmed": '; echoes compared without surrounding whitespace (echo_match = "trimmed")',
+    "position": '; outputs matched by position (echo_match = "position"): echoes not checked',
+}
+
+
 def run_job(
     job: JobSpec | str | Path,
     *,
@@ -168,7 +179,7 @@ def run_job(
     state = RunState(spec.state_dir)
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
-        shard=str(part) if part else "", started_at=_now(),
+        shard=str(part) if part else "", started_at=_now(), echo_match=spec.echo_match,
     )
     started = time.monotonic()
     try:
@@ -252,7 +263,7 @@ def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSumma
     state = RunState(spec.state_dir)
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
-        started_at=_now(),
+        started_at=_now(), echo_match=spec.echo_match,
     )
     started = time.monotonic()
     plan = state.read_plan()

@@ -22,7 +22,12 @@ Fault names:
 - answers that fail validation: ``"invalid_json"``, ``"empty_body"``, ``"top_list"`` (a JSON
   list, not an object), ``"wrong_shape"`` (``data`` an object), ``"not_ok"``, ``"drop"`` (one item
   too few), ``"extra"`` (one too many), ``"reorder"``, ``"alter"`` (an altered prompt echo),
-  ``"output_string"`` / ``"output_numbers"`` (``output`` not a list of strings).
+  ``"output_string"`` / ``"output_numbers"`` (``output`` not a list of strings), ``"output_empty"``
+  (``output: []``); each of the item faults ``alter``, ``output_string``, ``output_numbers`` and
+  ``output_empty`` spoils the first item, and as ``"every_<kind>"`` every item (an answer of which
+  nothing can validate); ``"html200"``: an HTML error page with status 200.
+- answers only the echo of which is off: ``"echo_trimmed"`` (every echo with surrounding whitespace
+  stripped and CRLF/CR made LF, as some servers do), ``"echo_none"`` (no item echoes a prompt).
 - ``"swap_outputs"``: outputs exchanged, prompts echoed faithfully; undetectable by design.
 """
 
@@ -74,16 +79,40 @@ class FaultLog:
     arrivals: list[Arrival] = field(default_factory=list)
 
 
+def _spoil(kind: str, item: dict) -> dict:
+    """One item made invalid in the way ``kind`` names."""
+    if kind == "alter":
+        return {**item, "prompt": item["prompt"] + " (altered)"}
+    if kind == "output_string":
+        return {**item, "output": item["output"][0]}
+    if kind == "output_numbers":
+        return {**item, "output": [1, 2, 3]}
+    if kind == "output_empty":
+        return {**item, "output": []}
+    raise ValueError(f"unknown item fault {kind!r}")
+
+
+ITEM_FAULTS = ("alter", "output_string", "output_numbers", "output_empty")
+
+
 def _mutate(kind: str, doc: dict) -> dict | bytes:
     data = doc["data"]
-    if kind == "reorder":
+    if kind in ITEM_FAULTS:
+        data[0] = _spoil(kind, data[0])
+    elif kind.startswith("every_") and kind.removeprefix("every_") in ITEM_FAULTS:
+        doc["data"] = [_spoil(kind.removeprefix("every_"), item) for item in data]
+    elif kind == "echo_trimmed":
+        for item in data:
+            item["prompt"] = item["prompt"].replace("\r\n", "\n").replace("\r", "\n").strip()
+    elif kind == "echo_none":
+        for item in data:
+            del item["prompt"]
+    elif kind == "reorder":
         doc["data"] = list(reversed(data))
     elif kind == "drop":
         doc["data"] = data[:-1]
     elif kind == "extra":
         doc["data"] = data + [data[0]]
-    elif kind == "alter":
-        data[0] = {**data[0], "prompt": data[0]["prompt"] + " (altered)"}
     elif kind == "swap_outputs":
         # Outputs exchanged but prompts echoed faithfully: undetectable by any client, so tests
         # never use it for correctness; it exists to show what the echo check cannot catch.
@@ -91,10 +120,6 @@ def _mutate(kind: str, doc: dict) -> dict | bytes:
             data[0]["output"], data[1]["output"] = data[1]["output"], data[0]["output"]
     elif kind == "not_ok":
         doc["message"] = "error: model overloaded"
-    elif kind == "output_string":
-        data[0] = {**data[0], "output": data[0]["output"][0]}
-    elif kind == "output_numbers":
-        data[0] = {**data[0], "output": [1, 2, 3]}
     elif kind == "wrong_shape":
         doc["data"] = {item["prompt"]: item for item in data}
     elif kind == "top_list":
@@ -276,6 +301,9 @@ class LiveEndpoint:
             )
         if kind == "redirect":
             return web.Response(status=307, headers={"Location": self.redirect_to})
+        if kind == "html200":
+            page = "<!DOCTYPE html>\n<html><head><title>Service Unavailable</title></head><body>upstream down</body></html>"
+            return web.Response(text=page, content_type="text/html")
         if kind == "hang":
             await asyncio.sleep(3600)
         if kind == "reset":

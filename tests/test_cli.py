@@ -139,24 +139,28 @@ def test_quiet_prints_only_the_summary_line(tmp_path: Path) -> None:
 
 
 def test_rows_failing_every_retry_exit_3_and_carry_their_error(tmp_path: Path) -> None:
-    with LiveEndpoint(rule=lambda n, prompts: "500") as broken:
-        job, rows = small_job(tmp_path, broken.url)
+    # The endpoint answers the first batch, then 500s. Rows fail only once the endpoint has
+    # answered others; one that never answers is an outage (exit 4, tests/test_faults.py).
+    first = "Prompt number 0: say something"
+    with LiveEndpoint(rule=lambda n, prompts: None if first in prompts else "500") as broken:
+        job, rows = small_job(tmp_path, broken.url, run={"concurrency": 1})
         result = invoke(job)
-        # Three batches of up to 4 prompts, each tried 1 + max_retries (3) times.
-        assert broken.log.requests == 12
+        # One answered batch, then two batches of up to 4 prompts, each tried 1 + max_retries (3) times.
+        assert broken.log.requests == 9
     assert result.exit_code == 3, result.output
     assert re.fullmatch(
         summary_pattern(
-            "complete_with_failed_rows", 0, 10, 0, 12, output_of(tmp_path),
-            failed=", 10 failed (http_500 10)", retries=9, resent=30, causes="http_500 9",
+            "complete_with_failed_rows", 4, 10, 4, 9, output_of(tmp_path),
+            failed=", 6 failed (http_500 6)", retries=6, resent=18, causes="http_500 6",
         ),
         result.stdout,
     )
     df = pl.read_parquet(output_of(tmp_path))
     assert df["id"].to_list() == [r["id"] for r in rows]
-    assert df["output"].to_list() == [None] * 10
-    assert df["attempts"].to_list() == [4] * 10
-    for error in df["error"].to_list():
+    assert df["output"].to_list()[4:] == [None] * 6
+    assert df["attempts"].to_list() == [1] * 4 + [4] * 6
+    assert df["error"].to_list()[:4] == [None] * 4
+    for error in df["error"].to_list()[4:]:
         assert error.startswith("http_500"), error
         assert error.endswith("(gave up after 4 attempts)"), error
 

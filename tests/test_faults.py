@@ -1,4 +1,5 @@
-"""Endpoint faults (issue 3): retries, timeouts, throttling, poison prompts, credentials, outages.
+"""Endpoint faults (issues 3 and 12): retries, timeouts, throttling, poison prompts, credentials,
+outages, the retry log, and stopping on a signal.
 
 Every figure is taken inside the live endpoint on 127.0.0.1 (requests, prompts, arrival times,
 headers), never from batchrun's own word alone. Backoffs are tiny (conftest's ``write_job``), so
@@ -7,10 +8,16 @@ the slow parts are the waits a test is about: a ``Retry-After``, a rate limit, a
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -21,10 +28,11 @@ import polars as pl
 import pytest
 from conftest import assert_exact, expected_output, prompt_rows, write_csv, write_job
 from endpoint import Arrival, LiveEndpoint, shared_faults
-from test_run import BATCHRUN, committed_results, state_dir
+from test_run import BATCHRUN, committed_results, state_dir, wait_for
 
-from batchrun import run_job
+from batchrun import client, run_job
 from batchrun.errors import OutageError
+from batchrun.retry import RetryLog
 from batchrun.server import ServerOptions
 
 KEY_ENV = "BATCHRUN_FAULTS_TEST_KEY"
@@ -39,12 +47,12 @@ CAUSE = {
     **{s: f"http_{s[:3]}" for s in ("500", "502", "503", "503ra", "503date")},
     **dict.fromkeys(
         ("invalid_json", "empty_body", "top_list", "wrong_shape", "not_ok", "drop", "extra", "alter",
-         "output_string", "output_numbers", "huge", "huge_chunked"),
+         "output_string", "output_numbers", "output_empty", "html200", "huge", "huge_chunked"),
         "invalid_response",
     ),
 }
 # Faults that spoil one item of an answer: the other items are kept and only one prompt is resent.
-ONE_ITEM = {"drop", "extra", "alter", "output_string", "output_numbers"}
+ONE_ITEM = {"drop", "extra", "alter", "output_string", "output_numbers", "output_empty"}
 # Faults that cost about a second of waiting each (Retry-After): injected at most twice.
 WAITING = {"429ra", "429date", "503ra", "503date"}
 FAULT_KINDS = [*CAUSE, "reorder"]
@@ -60,6 +68,11 @@ def cli(*args: Any, cwd: Path, env: dict[str, str] | None = None, timeout: float
         [str(BATCHRUN), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def error_line(stderr: str) -> str:
+    """The message the CLI gives for an error (log lines may come before it)."""
+    return next(line for line in stderr.splitlines() if line.startswith("batchrun: error: "))
 
 
 def arrivals_between(arrivals: list[Arrival], start: float, end: float) -> list[Arrival]:
@@ -380,24 +393,117 @@ def test_a_5000_row_job_against_an_endpoint_down_from_the_start_marks_no_row_fai
 
 @pytest.mark.timeout(60)
 def test_rows_that_failed_in_the_run_up_to_an_outage_are_retried_when_the_endpoint_is_back(tmp_path: Path) -> None:
-    """One worker, 3 attempts a batch, outage after 10 failures: batches give up before the outage
-    is called. Whatever they recorded, the rerun once the endpoint is back completes exactly."""
+    """One worker, 3 attempts a batch, outage after 10 failures: the endpoint answers the first
+    request, then 503s, so batches give up (their rows end failed) before the outage is called.
+    Whatever they recorded, the rerun once the endpoint is back completes exactly."""
     rows = prompt_rows(200)
     write_csv(tmp_path / "input.csv", rows)
     broken = {"on": True}
-    with LiveEndpoint(rule=lambda n, p: "503" if broken["on"] else None) as ep:
+    with LiveEndpoint(rule=lambda n, p: "503" if broken["on"] and n > 1 else None) as ep:
         job = write_job(
             tmp_path, ep.url,
             run={"batch_size": 4, "concurrency": 1, "max_retries": 2, "outage_after_failures": 10, "checkpoint_rows": 8},
         )
         with pytest.raises(OutageError):
             run_job(job)
-        assert ep.log.requests == 10
+        assert ep.log.requests == 1 + 10
+        recorded = committed_results(state_dir(tmp_path)).to_pylist()
+        assert sorted(r["row"] for r in recorded if r["error"]) == list(range(4, 16))  # three batches gave up
         broken["on"] = False
         first = len(ep.log.prompts_received)
         summary = run_job(job)
-        assert Counter(ep.log.prompts_received[first:]) == Counter(r["prompt"] for r in rows)
+        assert Counter(ep.log.prompts_received[first:]) == Counter(r["prompt"] for r in rows[4:])
     assert (summary.status, summary.exit_code, summary.failed) == ("complete", 0, 0)
+    assert_exact(output_of(tmp_path), rows)
+
+
+# A dead endpoint, however it is dead -> the first line the CLI gives (2 batches of 16).
+DEAD = {
+    "refused": r"cannot connect to the endpoint \(ClientConnectorError: Cannot connect to host 127\.0\.0\.1:\d+ .*\); "
+               r"stopped early with progress kept: run the same command when the endpoint is back",
+    "503": r"the endpoint failed (6|7|8|9|10|11|12) attempts in a row and has not answered once in this run "
+           r'\(last: http_503: HTTP 503: \{"message": "injected HTTP 503", "data": \[\]\}\); stopped early with progress kept: .*',
+    "hang": r"the endpoint failed (6|7|8|9|10|11|12) attempts in a row and has not answered once in this run "
+            r"\(last: timeout: no complete answer within endpoint\.timeout_s\); stopped early with progress kept: .*",
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dead", list(DEAD))
+def test_a_20_row_job_against_a_dead_endpoint_exits_4_with_no_row_failed_no_output_and_no_success_marker(
+    tmp_path: Path, dead: str
+) -> None:
+    """Two batches of 16 make 2 x 6 = 12 attempts, fewer than ``outage_after_failures`` (20): a
+    closed port used to end exit 3 after 13 s with every row failed ``connection`` and the
+    output and ``.SUCCESS`` written. A refused connection, or no answer at all in the run, is an
+    outage: exit 4, progress kept, nothing failed or written; ``status`` says in progress."""
+    rows = prompt_rows(20)
+    write_csv(tmp_path / "input.csv", rows)
+    run = {"batch_size": 16, "concurrency": 8, "max_retries": 5}
+    endpoint = {"timeout_s": 0.2}
+    if dead == "refused":
+        with LiveEndpoint() as gone:
+            url = gone.url
+        job = write_job(tmp_path, url, run=run, endpoint=endpoint)
+        started = time.monotonic()
+        result = cli(job, cwd=tmp_path)
+    else:
+        with LiveEndpoint(rule=lambda n, p: dead) as ep:
+            job = write_job(tmp_path, ep.url, run=run, endpoint=endpoint)
+            started = time.monotonic()
+            result = cli(job, cwd=tmp_path)
+        assert ep.log.requests <= 12
+    took = time.monotonic() - started
+    print(f"{dead}: {took:.2f}s: {error_line(result.stderr)}")
+    assert result.returncode == 4, result.stderr
+    assert re.fullmatch("batchrun: error: " + DEAD[dead], error_line(result.stderr)), result.stderr
+    assert took < 10
+    errors = committed_results(state_dir(tmp_path)).column("error")
+    assert errors.null_count == len(errors), "rows were marked failed for the endpoint's fault"
+    assert not output_of(tmp_path).exists()
+    assert not output_of(tmp_path).with_name("result.parquet.SUCCESS").exists()
+    status = cli("status", job, "--json", cwd=tmp_path)
+    info = json.loads(status.stdout)
+    assert (info["state"], info["failed"], info["last_run"]["exit_code"]) == ("in progress", 0, 4)
+
+
+@pytest.mark.timeout(60)
+def test_an_endpoint_gone_mid_run_is_an_outage_even_after_it_answered_others(tmp_path: Path) -> None:
+    """The endpoint answers some requests, then its port closes. ``outage_after_failures`` is out
+    of reach (1000), so only the rule stops the run: a batch whose last attempt could not connect
+    at all is the endpoint's fault (exit 4), not its rows'. Answered rows are kept; the rerun
+    against the endpoint's new address sends only the others."""
+    rows = prompt_rows(400)
+    write_csv(tmp_path / "input.csv", rows)
+    run = {"batch_size": 4, "concurrency": 2, "max_retries": 2, "outage_after_failures": 1000,
+           "checkpoint_rows": 16, "checkpoint_interval_s": 0.2}
+    with LiveEndpoint(ServerOptions(latency_s=0.05)) as ep:
+        job = write_job(tmp_path, ep.url, run=run)
+        proc = subprocess.Popen([str(BATCHRUN), str(job)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: ep.log.requests >= 10 or proc.poll() is not None, "ten requests")
+        except BaseException:
+            proc.kill()
+            raise
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 4, err
+    assert error_line(err).startswith("batchrun: error: cannot connect to the endpoint (ClientConnectorError: ")
+    kept = committed_results(state_dir(tmp_path)).to_pylist()
+    assert [r for r in kept if r["error"] is not None] == [], "rows were marked failed for the endpoint's fault"
+    assert len(kept) >= 8
+    assert not output_of(tmp_path).exists()
+
+    with LiveEndpoint() as back:
+        write_job(tmp_path, back.url, run=run)
+        assert run_job(job).exit_code == 0
+        assert Counter(back.log.prompts_received) == Counter(
+            r["prompt"] for i, r in enumerate(rows) if i not in {k["row"] for k in kept}
+        )
     assert_exact(output_of(tmp_path), rows)
 
 
@@ -701,3 +807,196 @@ def test_5000_rows_with_a_quarter_of_requests_faulted_every_kind_and_5_poison_pr
         if r["prompt"] not in poison and got != expected_output(r["prompt"])
     ]
     assert wrong == [], f"{len(wrong)} rows carry a wrong output"
+
+
+# --- 12. failed attempts logged as they happen ----------------------------------------------------
+
+
+def test_the_retry_log_gives_the_first_failure_at_once_then_one_line_per_interval_summing_what_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A clock the test moves: failures within 30 s of the last line are summed, not logged; the
+    first failure after the interval logs the sum by class (most first) with the last reason; a
+    tick logs a sum whose interval has passed; the end of the run flushes what is left."""
+    now = [1000.0]
+    retry_log = RetryLog(30.0, clock=lambda: now[0])
+
+    def fail(at: float, cause: str, reason: str) -> None:
+        now[0] = at
+        retry_log.failed(cause, reason)
+
+    def messages() -> list[str]:
+        return [r.getMessage() for r in caplog.records]
+
+    with caplog.at_level(logging.WARNING, logger="batchrun"):
+        fail(1000.0, "timeout", "no complete answer within endpoint.timeout_s")
+        assert messages() == ["retrying: first failed attempt: timeout: no complete answer within endpoint.timeout_s"]
+        for i in range(11):
+            fail(1001.0 + i, "timeout", "no complete answer within endpoint.timeout_s")
+        for i in range(3):
+            fail(1020.0 + i, "http_503", f"HTTP 503: busy {i}")
+        now[0] = 1029.9
+        retry_log.tick()
+        assert len(messages()) == 1, "a line within the interval"
+        fail(1030.0, "timeout", "no complete answer within endpoint.timeout_s")
+        assert messages()[1:] == [
+            "retrying: 12 timeout, 3 http_503 in the last 30 s; last: timeout: no complete answer within endpoint.timeout_s"
+        ]
+        fail(1045.0, "http_503", "HTTP 503: busy 3")
+        now[0] = 1060.0
+        retry_log.tick()  # a successful attempt: the interval since the last line has passed
+        assert messages()[2:] == ["retrying: 1 http_503 in the last 30 s; last: http_503: HTTP 503: busy 3"]
+        fail(1061.5, "invalid_response", "invalid response: 4 items: output is an empty list (first: item 0)")
+        retry_log.flush()
+        retry_log.flush()
+        assert messages()[3:] == [
+            "retrying: 1 invalid_response in the last 1.5 s; last: invalid_response: 4 items: output is an empty list (first: item 0)"
+        ]
+    assert {(r.name, r.levelno) for r in caplog.records} == {("batchrun", logging.WARNING)}
+
+
+@pytest.mark.timeout(60)
+def test_off_a_terminal_failed_attempts_are_logged_as_they_happen_and_never_carry_the_key(tmp_path: Path) -> None:
+    """The CLI with stderr a pipe (cron): an endpoint failing three attempts with an error body
+    quoting the key. The first failure is logged at once, the rest summed when the run ends; the
+    key is redacted in both lines and appears nowhere in what was printed."""
+    rows = prompt_rows(40)
+    write_csv(tmp_path / "input.csv", rows)
+    canary = f"sk-canary-{uuid.uuid4().hex}"
+    with LiveEndpoint(rule=lambda n, p: "500echo" if n <= 3 else None) as ep:
+        job = write_job(tmp_path, ep.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 1})
+        result = cli(job, cwd=tmp_path, env={KEY_ENV: canary})
+    assert result.returncode == 0, result.stderr
+    body = re.escape('{"message": "invalid credentials: Bearer [redacted]", "data": []}')
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    print("\n".join(warnings))
+    assert len(warnings) == 2, result.stderr
+    assert re.fullmatch(rf"\d\d:\d\d:\d\d batchrun WARNING retrying: first failed attempt: http_500: HTTP 500: {body}", warnings[0])
+    assert re.fullmatch(
+        rf"\d\d:\d\d:\d\d batchrun WARNING retrying: 2 http_500 in the last \d+\.\d s; last: http_500: HTTP 500: {body}",
+        warnings[1],
+    )
+    assert canary not in result.stdout + result.stderr
+    assert_exact(output_of(tmp_path), rows)
+
+
+# --- 13. after Ctrl-C or SIGTERM nothing new is sent ------------------------------------------------
+
+
+class Child:
+    """``batchrun JOB`` in a process of its own, its stderr read line by line as it comes."""
+
+    def __init__(self, job: Path):
+        self.proc = subprocess.Popen(
+            [str(BATCHRUN), str(job)], cwd=job.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            assert pipe is not None
+            pipe.close()
+        return self.proc.returncode, "\n".join(self.lines)
+
+
+def assert_stopped_and_nothing_sent_after(
+    child: Child, ep: LiveEndpoint, signalled_at: float, within_s: float
+) -> str:
+    code, err = child.finish()
+    took = time.monotonic() - signalled_at
+    late = [a.n for a in ep.log.arrivals if a.at > signalled_at]
+    print(f"stopped {took:.2f}s after the signal; requests after it: {late}")
+    assert code == 130, err
+    assert error_line(err) == "batchrun: error: interrupted by SIGINT: progress saved; run the same command to resume"
+    assert late == [], "a request was sent after the signal"
+    assert took < within_s, "a wait went on after the signal"
+    return err
+
+
+@pytest.mark.timeout(60)
+def test_after_ctrl_c_a_worker_waiting_to_retry_sends_nothing_and_the_rows_its_batch_answered_are_kept(
+    tmp_path: Path,
+) -> None:
+    """One worker. Requests 1-3 are answered (rows 0-11); request 4 (rows 12-15) has its first
+    echo altered, so 13-15 are answered and row 12 is retried; request 5 gets 503 with
+    ``Retry-After: 4``. Ctrl-C then: exit 130 well before the 4 s wait would end, no request
+    after the signal, rows 0-11 and 13-15 kept, row 12 unresolved (not failed); the rerun sends
+    exactly row 12 and the rows never sent."""
+    rows = prompt_rows(64)
+    write_csv(tmp_path / "input.csv", rows)
+    rule = lambda n, p: None if n <= 3 else "alter" if n == 4 else "503ra"  # noqa: E731
+    with LiveEndpoint(rule=rule, retry_after="4") as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1, "checkpoint_rows": 16})
+        child = Child(job)
+        wait_for(lambda: ep.log.faults.get("503ra") == 1 and ep.log.in_flight == 0 or child.proc.poll() is not None,
+                 "the 503 that starts a 4 s wait")
+        signalled_at = time.monotonic()
+        child.proc.send_signal(signal.SIGINT)
+        assert_stopped_and_nothing_sent_after(child, ep, signalled_at, within_s=3)
+        kept = committed_results(state_dir(tmp_path)).to_pylist()
+        assert sorted(r["row"] for r in kept) == [*range(12), 13, 14, 15]
+        assert [r for r in kept if r["error"] is not None] == [], "a row was marked failed by the stop"
+
+        ep.rule = None
+        first = len(ep.log.prompts_received)
+        assert run_job(job).exit_code == 0
+        assert Counter(ep.log.prompts_received[first:]) == Counter(r["prompt"] for r in [rows[12], *rows[16:]])
+    assert_exact(output_of(tmp_path), rows)
+
+
+@pytest.mark.timeout(60)
+def test_after_ctrl_c_workers_held_by_a_429_pause_send_nothing_more(tmp_path: Path) -> None:
+    """Two workers. The faster request gets 429 with ``Retry-After: 4`` at once: its worker waits
+    to retry and the whole run pauses. The slower one (0.5 s) is answered meanwhile, so its
+    worker's next request waits for the pause to end. Ctrl-C: both waits end at once (exit 130,
+    no third request), the answered rows are kept and none is failed."""
+    rows = prompt_rows(40)
+    write_csv(tmp_path / "input.csv", rows)
+    with LiveEndpoint(ServerOptions(latency_s=0.5), rule=lambda n, p: "429ra" if n == 2 else None,
+                      retry_after="4") as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_rows": 8})
+        child = Child(job)
+        wait_for(lambda: ep.log.requests == 2 and ep.log.in_flight == 0 and any(
+            "retrying: first failed attempt: http_429" in line for line in child.lines
+        ) or child.proc.poll() is not None, "a 429 and the other request answered")
+        signalled_at = time.monotonic()
+        child.proc.send_signal(signal.SIGINT)
+        assert_stopped_and_nothing_sent_after(child, ep, signalled_at, within_s=3)
+        answered = ep.log.arrivals[0]
+        assert (ep.log.requests, answered.fault) == (2, None)
+        kept = committed_results(state_dir(tmp_path)).to_pylist()
+        assert len(kept) == 4 and [r for r in kept if r["error"] is not None] == []
+
+
+def test_a_stop_ends_a_wait_for_a_rate_limit_turn_at_once() -> None:
+    """``requests_per_minute = 1``: the second request's turn is a minute away. Setting the
+    run's stop event ends that wait at once, with nothing acquired."""
+
+    async def main() -> float:
+        stop = asyncio.Event()
+        throttle = client.Throttle(1, None, 4)
+        await throttle.wait(4, stop)  # the first turn is free
+        waiting = asyncio.ensure_future(throttle.wait(4, stop))
+        await asyncio.sleep(0)  # let it start waiting
+        assert not waiting.done()
+        started = time.monotonic()
+        stop.set()
+        with pytest.raises(client._Stopping):
+            await asyncio.wait_for(waiting, 5)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 1

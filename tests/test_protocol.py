@@ -182,9 +182,25 @@ def test_echoed_params_are_encoded_per_item_with_their_own_json_types() -> None:
     assert [got.answers[i].params_json for i in range(5)] == ['{"t":1}', '{"t":1.0}', '{"t":true}', '{"t":1.0}', '{"t":[1]}']
 
 
-def test_an_empty_output_list_is_a_valid_answer() -> None:
-    m = match_response(body([item("a", [])]), ["a"])
-    assert m.problem is None and m.answers[0].output == []
+@pytest.mark.parametrize("in_order", [True, False], ids=["in-order-path", "matching-path"])
+def test_an_empty_output_list_is_an_invalid_item_not_a_success(in_order: bool) -> None:
+    """``output: []`` gives the row no text at all: the endpoint failed to answer that prompt. It
+    is refused on the one-pass in-order path and on the general path (a reordered answer)."""
+    sent = ["a", "b", "c"]
+    data = good(sent)
+    data[1] = item("b", [])
+    if not in_order:
+        data.reverse()
+    m = match_response(body(data), sent)
+    assert {i: a.output for i, a in m.answers.items()} == {0: answer_of("a"), 2: answer_of("c")}
+    assert m.problem == "invalid response: item 1: output is an empty list"
+
+
+def test_an_answer_whose_every_item_fails_the_same_way_says_it_once_with_the_count() -> None:
+    sent = [f"p{i}" for i in range(16)]
+    m = match_response(body([item(p + " (altered)") for p in sent]), sent)
+    assert m.answers == {}
+    assert m.problem == "invalid response: 16 items: echoed prompt matches no prompt sent (first: item 0, 'p0 (altered)')"
 
 
 # --- match_response: what is refused as a whole ------------------------------------------------
@@ -196,6 +212,8 @@ def test_an_empty_output_list_is_a_valid_answer() -> None:
         pytest.param(b'{"data": [ this is not json', "not JSON", id="invalid-json"),
         pytest.param(b"\xff\xfe garbage", "not JSON", id="not-utf8"),
         pytest.param(b"", "not JSON", id="empty-body"),
+        pytest.param(b"\n<!DOCTYPE html><html><body>502 Bad Gateway</body></html>", "response is HTML, not JSON",
+                     id="html"),
         pytest.param(b'[{"prompt": "a", "output": ["x"]}]', "not a JSON object", id="top-level-list"),
         pytest.param(body(good(["a"]), message="error: model overloaded"), 'message is not "ok"', id="not-ok"),
         pytest.param(json.dumps({"data": good(["a"])}).encode(), 'message is not "ok"', id="no-message"),
@@ -207,6 +225,109 @@ def test_an_empty_output_list_is_a_valid_answer() -> None:
 def test_an_unusable_response_raises_response_error(raw: bytes, says: str) -> None:
     with pytest.raises(ResponseError, match=says):
         match_response(raw, ["a"])
+
+
+# --- echo_match: what a mode accepts, and what it still checks -----------------------------------
+
+SENT_WITH_WHITESPACE = ["  first prompt\r\nsecond line\r\n", "plain", "tab\t\n"]
+ECHOED_TRIMMED = ["first prompt\nsecond line", "plain", "tab"]
+
+
+def test_echoes_differing_only_in_whitespace_or_crlf_are_refused_by_exact_and_the_problem_says_why() -> None:
+    m = match_response(body([item(e) for e in ECHOED_TRIMMED]), SENT_WITH_WHITESPACE)
+    assert sorted(m.answers) == [1]  # "plain" echoes exactly
+    assert m.problem is not None
+    assert m.problem.startswith(
+        "invalid response: echoed prompts differ from those sent only in surrounding whitespace or newlines; "
+        'set endpoint.echo_match = "trimmed"; 2 items: echoed prompt matches no prompt sent'
+    )
+
+
+def test_the_whitespace_hint_counts_when_only_some_unmatched_echoes_are_near_misses() -> None:
+    sent = ["a ", "b"]
+    m = match_response(body([item("a"), item("b (altered)")]), sent)
+    assert m.answers == {}
+    assert m.problem is not None and m.problem.startswith(
+        "invalid response: 1 of 2 unmatched echoed prompts differ from those sent only in surrounding whitespace"
+    )
+
+
+def test_an_altered_echo_gets_no_whitespace_hint() -> None:
+    m = match_response(body([item("a!")]), ["a"])
+    assert m.problem == "invalid response: item 0: echoed prompt matches no prompt sent ('a!')"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reordered"])
+def test_trimmed_matches_echoes_after_stripping_whitespace_and_normalising_newlines(reverse: bool) -> None:
+    data = [item(e, answer_of(s)) for e, s in zip(ECHOED_TRIMMED, SENT_WITH_WHITESPACE)]
+    if reverse:
+        data.reverse()
+    m = match_response(body(data), SENT_WITH_WHITESPACE, "trimmed")
+    assert m.problem is None
+    assert {i: a.output for i, a in m.answers.items()} == {i: answer_of(s) for i, s in enumerate(SENT_WITH_WHITESPACE)}
+
+
+def test_trimmed_still_refuses_an_altered_echo_and_an_empty_output() -> None:
+    sent = ["a", "b ", "c"]
+    data = [item("a!"), item("b", []), item("c\r\n")]
+    m = match_response(body(data), sent, "trimmed")
+    assert {i: a.output for i, a in m.answers.items()} == {2: answer_of("c\r\n")}
+    assert m.problem is not None
+    assert "item 0: echoed prompt matches no prompt sent" in m.problem
+    assert "item 1: output is an empty list" in m.problem
+
+
+def test_trimmed_makes_prompts_differing_only_in_whitespace_interchangeable() -> None:
+    """The documented cost: "x" and "x " are one prompt to it, so their answers may be swapped."""
+    sent = ["x", "x "]
+    m = match_response(body([item("x ", ["for x-space"]), item("x", ["for x"])]), sent, "trimmed")
+    assert m.problem is None
+    assert sorted(a.output[0] for a in m.answers.values()) == ["for x", "for x-space"]
+
+
+def test_position_places_items_by_index_when_there_is_one_per_prompt_whatever_they_echo() -> None:
+    sent = ["a", "b", "c"]
+    data = [{"output": ["for a"]}, {"prompt": "garbled", "output": ["for b"]}, {"prompt": None, "output": ["for c"]}]
+    m = match_response(body(data), sent, "position")
+    assert m.problem is None
+    assert {i: a.output for i, a in m.answers.items()} == {0: ["for a"], 1: ["for b"], 2: ["for c"]}
+
+
+def test_position_places_nothing_when_the_item_count_is_wrong() -> None:
+    m = match_response(body([item("a"), item("b")]), ["a", "b", "c"], "position")
+    assert m.answers == {}
+    assert m.problem == (
+        'invalid response: 2 items for 3 prompts; echo_match = "position" places only an answer with one item per prompt sent'
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad_item", "says"),
+    [
+        pytest.param("text", "item 1: not an object (got str)", id="not-an-object"),
+        pytest.param({"output": "one string"}, "item 1: output is not a list of strings (got str)", id="output-string"),
+        pytest.param({"output": []}, "item 1: output is an empty list", id="output-empty"),
+        pytest.param({"output": ["x"], "params": 3}, "item 1: params is not an object (got int)", id="params-not-object"),
+    ],
+)
+def test_position_still_checks_every_item_and_keeps_its_valid_neighbours(bad_item: Any, says: str) -> None:
+    m = match_response(body([item("a"), bad_item, item("c")]), ["a", "b", "c"], "position")
+    assert {i: a.output for i, a in m.answers.items()} == {0: answer_of("a"), 2: answer_of("c")}
+    assert m.problem == f"invalid response: {says}"
+
+
+def test_position_puts_a_reordered_answer_on_the_wrong_prompts_undetectably() -> None:
+    """The documented cost of "position": nothing can tell a reordered answer from a right one."""
+    sent = ["a", "b"]
+    m = match_response(body(list(reversed(good(sent)))), sent, "position")
+    assert m.problem is None
+    assert m.answers[0].output == answer_of("b")
+
+
+def test_whole_response_checks_hold_in_every_mode() -> None:
+    for mode in ("exact", "trimmed", "position"):
+        with pytest.raises(ResponseError, match='message is not "ok"'):
+            match_response(body(good(["a"]), message="busy"), ["a"], mode)  # type: ignore[arg-type]
 
 
 # --- the property ------------------------------------------------------------------------------
@@ -242,3 +363,24 @@ def test_every_answer_belongs_to_a_prompt_equal_to_the_one_at_its_index(data: st
     for text in set(sent):
         answered = sum(1 for i in m.answers if sent[i] == text)
         assert answered <= sum(1 for it in chosen if it["prompt"] == text)
+
+
+@settings(max_examples=200, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), sent=prompt_lists)
+def test_trimmed_answers_belong_to_a_prompt_equal_to_its_own_after_normalising(
+    data: st.DataObject, sent: list[str]
+) -> None:
+    """With echoes trimmed, altered in whitespace, dropped and shuffled, an answer may only land
+    on a prompt that is the same text once surrounding whitespace and newline style are set aside."""
+    from batchrun.protocol import normalise_echo
+
+    correct = good(sent)
+    kept = data.draw(st.lists(st.sampled_from(range(len(sent))), unique=True, max_size=len(sent)), label="kept")
+    spaced = data.draw(st.lists(st.sampled_from(["", " ", "\r\n", "\n\t"]), min_size=len(kept), max_size=len(kept)))
+    chosen = [{**correct[i], "prompt": pad + normalise_echo(sent[i]) + pad} for i, pad in zip(kept, spaced)]
+    chosen = data.draw(st.permutations(chosen), label="order")
+
+    m = match_response(body(chosen), sent, "trimmed")
+
+    for i, answer in m.answers.items():
+        assert normalise_echo(answer.output[0].removeprefix("answer to ")) == normalise_echo(sent[i])
