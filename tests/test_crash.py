@@ -276,7 +276,7 @@ def test_kill_9_at_random_moments_then_the_same_command_loses_duplicates_and_mis
 
 PHASES = ("written", "fsynced", "renamed")
 FRESH_STEPS = [
-    *(f"{kind}:{phase}" for kind in ("plan", "partial", "segment", "output", "finished", "success", "summary")
+    *(f"{kind}:{phase}" for kind in ("plan", "partial", "segment", "outputs", "output", "finished", "success", "summary")
       for phase in PHASES),
     "plan:carried",
     "batch:answered",
@@ -285,7 +285,7 @@ FRESH_STEPS = [
     *(f"segment:{phase}@{n}" for phase in (*PHASES, "published") for n in (2, 3)),
 ]
 INCREMENTAL_STEPS = [*(f"carry:{phase}" for phase in PHASES), "plan:carried", "plan:renamed"]
-OUTPUT_SIDE = {"output", "finished", "success", "summary"}
+OUTPUT_SIDE = {"outputs", "output", "finished", "success", "summary"}
 
 
 def steps_in_source() -> set[str]:
