@@ -222,7 +222,10 @@ def validate(job: Path, overwrite: bool, debug: bool) -> None:
         f"params:       {spec.params or '(endpoint defaults)'}",
         f"requests:     up to {math.ceil(rows / b)} of {b} prompts, at most {c} in flight",
         f"output:       {spec.output_path}",
-        f"state:        {spec.state_dir} ({'has saved progress' if found.saved_progress else 'new run'})",
+        f"state:        {spec.state_dir} ("
+        + ("input changed: the run plans it again by id, reusing unchanged rows" if found.replan
+           else "has saved progress" if found.saved_progress else "new run")
+        + ")",
     ]
     click.echo("\n".join(lines))
     click.echo("batchrun: job is valid")

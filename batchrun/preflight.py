@@ -1,4 +1,5 @@
-"""Checks a run makes before its first request, shared with ``batchrun validate``: the output.
+"""Checks a run makes before its first request, shared with ``batchrun validate``: the output,
+the key variable, and saved progress against the job.
 
 Never destroy what batchrun did not write: the output path may not name an input file (directly,
 through a glob that would match it, a symlink, ``..`` or a hard link), and a file already at the
@@ -12,15 +13,18 @@ from __future__ import annotations
 import errno
 import fnmatch
 import glob
+import json
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from . import fingerprint as fingerprints
 from . import source
 from .checkpoint import RunState, storage_error
-from .errors import JobError, StorageError
+from .errors import JobError, StateError, StorageError
+from .inputcheck import check_sample
 from .sink import output_identity
 
 if TYPE_CHECKING:
@@ -130,6 +134,29 @@ def _match_parts(pattern: tuple[str, ...], name: tuple[str, ...]) -> bool:
     return bool(name) and fnmatch.fnmatchcase(name[0], pattern[0]) and _match_parts(pattern[1:], name[1:])
 
 
+def check_saved_progress(
+    spec: JobSpec, state: RunState, plan: dict[str, Any], *, allow_incremental: bool = True
+) -> fingerprints.InputCheck:
+    """Compare saved progress with the job: ``StateError`` naming what changed when it cannot be
+    resumed; otherwise the input check (``same``: resume as is; not ``same``: with an id column,
+    the input is planned again incrementally)."""
+    settings = json.loads(json.dumps(spec.settings()))
+    saved = plan.get("settings", {})
+    changed = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in settings if saved.get(k) != settings[k]]
+    seen = fingerprints.check(plan, spec.input_files)
+    if not changed and (seen.same or (spec.id_column and allow_incremental)):
+        return seen
+    if not allow_incremental and not changed:
+        changed.append("(an incremental plan is made by a run without --shard)")
+    if not seen.same:
+        changed.append("the input files (names, sizes or contents) differ")
+    raise StateError(
+        "this job has saved progress from a different input or settings: "
+        + "; ".join(changed)
+        + f". Restore them, or run with --restart to discard the progress in {state.root}"
+    )
+
+
 @dataclass(frozen=True)
 class Validation:
     """What ``batchrun validate`` found: the job, its rows, and whether it has saved progress."""
@@ -137,6 +164,7 @@ class Validation:
     spec: JobSpec
     rows: int
     saved_progress: bool
+    replan: bool = False  # the input changed and, having an id column, will be planned again by id
 
 
 def validate_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> Validation:
@@ -154,7 +182,10 @@ def validate_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> Valid
     check_output_writable(spec, create=False)
     state = RunState(spec.state_dir)
     check_output_owned(spec, state)
+    plan = state.read_plan()
+    replan = plan is not None and not check_saved_progress(spec, state, plan).same
+    check_sample(spec)
     rows = source.count_rows_and_check_ids(spec)
     if rows == 0:
         raise JobError(f"{spec.job_path}: input.path: the input has no rows")
-    return Validation(spec, rows, state.read_plan() is not None)
+    return Validation(spec, rows, plan is not None, replan)

@@ -32,7 +32,13 @@ from .errors import (
 from .incremental import carry_forward
 from .inputcheck import check_sample
 from .memory import release_free_memory
-from .preflight import check_output_owned, check_output_path, check_output_writable, read_api_key
+from .preflight import (
+    check_output_owned,
+    check_output_path,
+    check_output_writable,
+    check_saved_progress,
+    read_api_key,
+)
 from .sink import merge_kind, output_identity, write_output
 
 log = logging.getLogger("batchrun")
@@ -545,30 +551,15 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
     incremental: dict[str, int] | None = None
     hashed: dict[tuple[str, int, int], str] = {}
     if plan is not None:
-        changed = [
-            f"{k}: {plan.get('settings', {}).get(k)!r} -> {settings[k]!r}"
-            for k in settings
-            if plan.get("settings", {}).get(k) != settings[k]
-        ]
-        seen = fingerprints.check(plan, spec.input_files)
-        same_input, hashed = seen.same, seen.hashes
-        if not changed and same_input:
+        seen = check_saved_progress(spec, state, plan, allow_incremental=allow_incremental)
+        hashed = seen.hashes
+        if seen.same:
             if seen.refreshed is not None:
                 # Same bytes under a new mtime (a copy, a touch): record it, so the next run
                 # trusts the file by its metadata instead of hashing it again.
                 plan = {**plan, "fingerprint": seen.refreshed}
                 state.write_plan(plan)
             return plan
-        if changed or not spec.id_column or not allow_incremental:
-            if not allow_incremental and not changed:
-                changed.append("(an incremental plan is made by a run without --shard)")
-            if not same_input:
-                changed.append("the input files (names, sizes or contents) differ")
-            raise StateError(
-                "this job has saved progress from a different input or settings: "
-                + "; ".join(changed)
-                + f". Restore them, or run with --restart to discard the progress in {state.root}"
-            )
     elif state.has_progress() or state.carry_path.exists():
         # Progress without the plan it was made under cannot be placed safely: start over.
         log.warning("the run state in %s had no readable plan; its progress is discarded", state.root)

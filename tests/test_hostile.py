@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import invoke, prompt_rows, write_csv, write_job
 from endpoint import LiveEndpoint, Rule
+from test_inputs import damage, with_bad_utf8
 
 from batchrun import run_job
 from batchrun.checkpoint import RunState
@@ -42,6 +43,8 @@ class Case:
     rule: Rule | None = None
     sends: bool | None = None  # True: the endpoint must get requests; False: none
     wrap: list[str] = field(default_factory=list)  # run in a subprocess under this command
+    mid_run: bool = False  # found only while rows are read or answered, so not by `validate`
+    validate_first: str | None = None  # validate's first line, where it words the problem otherwise
 
 
 # --- setups ------------------------------------------------------------------------------------
@@ -125,10 +128,49 @@ def locked(folder: Path, url: str) -> list[Any]:
 _held: list[Any] = []
 
 
-def closed_port() -> str:
+def closed_port(folder: Path, url: str) -> list[Any]:
     with LiveEndpoint() as gone:
-        return gone.url
+        dead = gone.url
+    return job_csv(n=20)(folder, dead)
 
+
+def big_parquet(n: int = 6000) -> pa.Table:
+    return pa.Table.from_pylist(prompt_rows(n))
+
+
+def damaged(row_group: int) -> Callable[[Path], None]:
+    def make(folder: Path) -> None:
+        pq.write_table(big_parquet(), folder / "input.parquet", row_group_size=2000, compression="none",
+                       write_page_checksum=True)
+        damage(folder / "input.parquet", row_group, "prompt")
+
+    return make
+
+
+def truncated(folder: Path) -> None:
+    data = (folder / "input.parquet").read_bytes()
+    (folder / "input.parquet").write_bytes(data[: len(data) // 2])
+
+
+def glob_of_two_types(folder: Path, url: str) -> list[Any]:
+    (folder / "data").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"]}), folder / "data" / "a.parquet")
+    pq.write_table(pa.table({"id": ["3", "4"], "prompt": ["c", "d"]}), folder / "data" / "b.parquet")
+    return [write_job(folder, url, input_path="data/*.parquet", input={"id_column": None})]
+
+
+def edited_after_completion(folder: Path, url: str) -> list[Any]:
+    """A job without an id column, completed, then one prompt edited in place (same size)."""
+    write_csv(folder / "input.csv", prompt_rows(6))
+    job = write_job(folder, url, input={"id_column": None})
+    assert run_job(job).exit_code == 0
+    data = (folder / "input.csv").read_bytes()
+    (folder / "input.csv").write_bytes(data.replace(b"Prompt number 3:", b"Prompt number 9:"))
+    return [job]
+
+
+# Prompts with surrounding whitespace and CRLF, which some servers trim before echoing.
+SPACED = prompts_table(["  first\r\n", "second\n", " third ", "fourth\r\nline\r\n"])
 
 # --- the table ---------------------------------------------------------------------------------
 
@@ -203,6 +245,7 @@ CASES = [
     Case("a read-only output folder", with_files(job_csv(output_path="ro/out/result.parquet"),
                                                  lambda f: (f / "ro").mkdir()), 74,
          E + r"cannot write \S+ro/out: read-only file system",
+         validate_first=E + r"cannot write \S+ro/out: the folder \S+ro is not writable",
          wrap=["unshare", "-rm", "sh", "-c", 'mount --bind ro ro && mount -o remount,bind,ro ro && exec "$0" "$@"']),
     # saved progress
     Case("params changed since the saved progress", run_first({"params": {"max_tokens": 9}}), 2,
@@ -222,6 +265,54 @@ CASES = [
          rule=lambda n, p: "401"),
     Case("a redirecting endpoint", job_csv(), 4, E + r"the endpoint redirected \(HTTP 307\)",
          rule=lambda n, p: "redirect"),
+    # inputs of the wrong kind
+    Case("an input path that is a directory", with_files(job_csv(input_path="data"), lambda f: (f / "data").mkdir()), 2,
+         E + JOB + r"input.path: \S+data is a directory; name a file, or a glob"),
+    Case("a prompt column of lists", job_parquet(prompts_table([["a"], ["b"]])), 2,
+         E + JOB + r"input.prompt_column: column 'prompt' is list<string>, not text or a number"),
+    Case("a prompt column of structs", job_parquet(prompts_table([{"q": "a"}, {"q": "b"}])), 2,
+         E + JOB + r"input.prompt_column: column 'prompt' is struct<q: string>, not text or a number"),
+    Case("a prompt column of bytes", job_parquet(prompts_table([b"a", b"b"])), 2,
+         E + JOB + r"input.prompt_column: column 'prompt' is binary, not text or a number"),
+    Case("an id column of lists",
+         job_parquet(pa.table({"id": [[1], [2]], "prompt": ["a", "b"]})), 2,
+         E + JOB + r"input.id_column: column 'id' is list<int64>, which cannot be an id"),
+    Case("a glob whose files type a column differently", glob_of_two_types, 2,
+         E + JOB + r"input.path: column 'id' is int64 in a.parquet but string in b.parquet"),
+    Case("a truncated Parquet file", with_files(job_parquet(prompts_table(["a", "b"])), truncated), 2,
+         E + JOB + r"input.path: cannot read input.parquet as parquet"),
+    Case("a damaged page in the first row group: found before anything is sent",
+         with_files(job_csv(input_path="input.parquet"), damaged(0)), 2,
+         E + r"cannot read input.parquet as parquet \(column 'prompt', row group 0", sends=False),
+    Case("a damaged page in the middle of the file: found mid-run",
+         with_files(job_csv(input_path="input.parquet", run={"checkpoint_rows": 500}), damaged(2)), 2,
+         E + r"cannot read input.parquet as parquet \(column 'prompt', row group 2", sends=True, mid_run=True),
+    Case("prompts that are not UTF-8 in a Parquet file",
+         job_parquet(with_bad_utf8(big_parquet(40), "prompt", 33)), 2,
+         E + r"input.parquet: column 'prompt' holds text that is not UTF-8 at row 33", mid_run=True),
+    Case("a prompt edited in place after completion, without an id column", edited_after_completion, 2,
+         E + r"this job has saved progress from a different input or settings: the input files "),
+    # endpoints that can never answer usefully: an outage, not failed rows
+    Case("a closed port", closed_port, 4, E + r"cannot connect to the endpoint \(ClientConnectorError: ",
+         mid_run=True),
+    Case("503 to everything, a small job", job_csv(), 4, E + r"the endpoint failed \d+ attempts in a row and has not answered once in this run \(last: http_503",
+         rule=lambda n, p: "503", mid_run=True),
+    Case("echoes that never match", job_csv(), 4, E + r"the endpoint's answers failed validation \d+ attempts in a row",
+         rule=lambda n, p: "echo_none", mid_run=True),
+    Case("an HTML page with status 200", job_csv(), 4, E + r"the endpoint's answers failed validation .*HTML",
+         rule=lambda n, p: "html200", mid_run=True),
+    Case("output: [] for every prompt", job_csv(), 4, E + r"the endpoint's answers failed validation ",
+         rule=lambda n, p: "every_output_empty", mid_run=True),
+    Case("output not a list, every prompt", job_csv(), 4, E + r"the endpoint's answers failed validation ",
+         rule=lambda n, p: "every_output_string", mid_run=True),
+    Case("answers that are not JSON", job_csv(), 4, E + r"the endpoint's answers failed validation .*not JSON",
+         rule=lambda n, p: "invalid_json", mid_run=True),
+    Case("echoes trimmed by the endpoint: the message says how to allow it", job_parquet(SPACED), 4,
+         E + r"the endpoint's answers failed validation .*echo_match = \"trimmed\"",
+         rule=lambda n, p: "echo_trimmed", mid_run=True),
+    Case("echoes trimmed by the endpoint, with echo_match = \"trimmed\"",
+         job_parquet(SPACED, endpoint={"echo_match": "trimmed"}), 0, r"batchrun: complete: 4/4 rows succeeded",
+         rule=lambda n, p: "echo_trimmed", sends=True),
 ]
 
 
@@ -238,7 +329,7 @@ def test_each_hostile_case_has_its_exit_code_and_first_line_and_changes_no_file_
             while _held:
                 _held.pop().__exit__(None, None, None)
         requests = ep.log.requests
-    print(f"{case.name}: exit {code}: {(err or out).splitlines()[:1]}")
+    print(f"{case.name}: exit {code}: {[ln for ln in (err + out).splitlines() if ln.startswith('batchrun: ')][:1]}")
     assert "Traceback" not in out + err, err
     assert code != 1, err
     assert code == case.code, (out, err)
@@ -278,6 +369,32 @@ def _batchruns(rel: str) -> bool:
     """batchrun's own files: its run state, summaries and markers (a previous run's output, which
     a rerun may replace, is checked against the state's record by the run itself)."""
     return ".batchrun/" in rel or rel.endswith((".summary.json", ".SUCCESS"))
+
+
+REFUSED_BEFORE_RUNNING = [c for c in CASES if c.code in (2, 74) and not c.mid_run]
+
+
+@pytest.mark.parametrize("case", REFUSED_BEFORE_RUNNING, ids=[c.name for c in REFUSED_BEFORE_RUNNING])
+def test_validate_refuses_what_run_refuses_before_its_first_request_with_the_same_code_and_line(
+    tmp_path: Path, case: Case
+) -> None:
+    """`batchrun validate` runs every check `run` makes before its first request."""
+    with LiveEndpoint(rule=case.rule) as ep:
+        try:
+            args = case.setup(tmp_path, ep.url)
+            before, sent = _snapshot(tmp_path), ep.log.requests
+            code, out, err = _run(case, ["validate", *args], tmp_path)
+        finally:
+            while _held:
+                _held.pop().__exit__(None, None, None)
+        assert ep.log.requests == sent, "validate sent a request"
+    assert "Traceback" not in out + err, err
+    if case.code == 75:
+        return
+    assert code == case.code, (out, err)
+    first = next((ln for ln in err.splitlines() if ln.startswith("batchrun: ")), "")
+    assert re.match(case.validate_first or case.first, first), (first, err)
+    assert _snapshot(tmp_path) == before, "validate wrote something"
 
 
 def test_the_table_holds_at_least_40_cases() -> None:
