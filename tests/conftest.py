@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -198,3 +201,46 @@ def _restore_batchrun_logger() -> Iterator[None]:
 def invoke(*args: Any) -> Result:
     """The CLI in this process (fast); its stderr is not a terminal, as under cron."""
     return CliRunner().invoke(main, [str(a) for a in args], prog_name="batchrun")
+
+
+class StderrWatch:
+    """A CLI process whose stderr is read line by line as it comes, so a test can wait for a line
+    (an event) instead of guessing how long something takes."""
+
+    def __init__(self, job: Path, *args: str):
+        self.proc = subprocess.Popen(
+            [str(BATCHRUN), str(job), *args], cwd=job.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={k: v for k, v in os.environ.items() if k != "BATCHRUN_CRASH_AT"},
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="stderr-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("")  # end of stream
+            self._changed.notify_all()
+
+    def wait_for_line(self, text: str, within_s: float = 30) -> None:
+        with self._changed:
+            ok = self._changed.wait_for(lambda: any(text in line for line in self.lines) or "" in self.lines, within_s)
+        assert ok and any(text in line for line in self.lines), f"no line with {text!r}: {''.join(self.lines)}"
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(10)
+            assert self.proc.stdout is not None and self.proc.stderr is not None
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        return self.proc.returncode, "".join(self.lines)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import (
     BATCHRUN,
+    StderrWatch,
     assert_exact,
     assert_final_files_readable,
     expected_output,
@@ -134,49 +135,6 @@ def cli(job: Path, *args: str, crash_at: str | None = None, timeout: float = 60,
     return subprocess.run(
         [str(BATCHRUN), str(job), *args], cwd=job.parent, env=env, capture_output=True, text=True, timeout=timeout, **kw
     )
-
-
-class StderrWatch:
-    """A CLI process whose stderr is read line by line as it comes, so a test can wait for a line
-    (an event) instead of guessing how long something takes."""
-
-    def __init__(self, job: Path, *args: str):
-        self.proc = subprocess.Popen(
-            [str(BATCHRUN), str(job), *args], cwd=job.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={k: v for k, v in os.environ.items() if k != "BATCHRUN_CRASH_AT"},
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name="stderr-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self.lines.append("")  # end of stream
-            self._changed.notify_all()
-
-    def wait_for_line(self, text: str, within_s: float = 30) -> None:
-        with self._changed:
-            ok = self._changed.wait_for(lambda: any(text in line for line in self.lines) or "" in self.lines, within_s)
-        assert ok and any(text in line for line in self.lines), f"no line with {text!r}: {''.join(self.lines)}"
-
-    def finish(self, timeout: float = 30) -> tuple[int, str]:
-        try:
-            self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._reader.join(10)
-            assert self.proc.stdout is not None and self.proc.stderr is not None
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-        return self.proc.returncode, "".join(self.lines)
 
 
 def wait_for(condition: Any, what: str, within_s: float = 30.0) -> None:

@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
@@ -26,7 +25,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import assert_exact, expected_output, prompt_rows, write_csv, write_job
+from conftest import StderrWatch, assert_exact, expected_output, prompt_rows, write_csv, write_job
 from endpoint import Arrival, LiveEndpoint, shared_faults
 from test_run import BATCHRUN, committed_results, state_dir, wait_for
 
@@ -883,38 +882,8 @@ def test_off_a_terminal_failed_attempts_are_logged_as_they_happen_and_never_carr
 # --- 13. after Ctrl-C or SIGTERM nothing new is sent ------------------------------------------------
 
 
-class Child:
-    """``batchrun JOB`` in a process of its own, its stderr read line by line as it comes."""
-
-    def __init__(self, job: Path):
-        self.proc = subprocess.Popen(
-            [str(BATCHRUN), str(job)], cwd=job.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def finish(self, timeout: float = 30) -> tuple[int, str]:
-        try:
-            self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            assert pipe is not None
-            pipe.close()
-        return self.proc.returncode, "\n".join(self.lines)
-
-
 def assert_stopped_and_nothing_sent_after(
-    child: Child, ep: LiveEndpoint, signalled_at: float, within_s: float
+    child: StderrWatch, ep: LiveEndpoint, signalled_at: float, within_s: float
 ) -> str:
     code, err = child.finish()
     took = time.monotonic() - signalled_at
@@ -941,7 +910,7 @@ def test_after_ctrl_c_a_worker_waiting_to_retry_sends_nothing_and_the_rows_its_b
     rule = lambda n, p: None if n <= 3 else "alter" if n == 4 else "503ra"  # noqa: E731
     with LiveEndpoint(rule=rule, retry_after="4") as ep:
         job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1, "checkpoint_rows": 16})
-        child = Child(job)
+        child = StderrWatch(job)
         wait_for(lambda: ep.log.faults.get("503ra") == 1 and ep.log.in_flight == 0 or child.proc.poll() is not None,
                  "the 503 that starts a 4 s wait")
         signalled_at = time.monotonic()
@@ -969,7 +938,7 @@ def test_after_ctrl_c_workers_held_by_a_429_pause_send_nothing_more(tmp_path: Pa
     with LiveEndpoint(ServerOptions(latency_s=0.5), rule=lambda n, p: "429ra" if n == 2 else None,
                       retry_after="4") as ep:
         job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_rows": 8})
-        child = Child(job)
+        child = StderrWatch(job)
         wait_for(lambda: ep.log.requests == 2 and ep.log.in_flight == 0 and any(
             "retrying: first failed attempt: http_429" in line for line in child.lines
         ) or child.proc.poll() is not None, "a 429 and the other request answered")

@@ -5,7 +5,6 @@ file batchrun did not write."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
