@@ -20,7 +20,7 @@ from typing import Any
 try:  # Airflow 3: the task SDK
     from airflow.sdk import BaseOperator
 except ImportError:  # Airflow 2
-    from airflow.models import BaseOperator  # type: ignore[no-redef]
+    from airflow.models import BaseOperator
 from airflow.exceptions import AirflowException
 
 from .errors import BatchrunError
@@ -28,7 +28,7 @@ from .memory import use_lean_memory_pool
 from .runner import merge_job, run_job
 
 
-class BatchrunOperator(BaseOperator):
+class BatchrunOperator(BaseOperator):  # type: ignore[misc]  # Airflow is untyped here
     """Run (``shard="I/N"`` for one shard) or merge a batchrun job file."""
 
     template_fields = ("job", "shard")

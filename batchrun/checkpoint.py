@@ -160,8 +160,10 @@ def write_json_atomic(path: Path, doc: dict[str, Any], kind: str = "json") -> No
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return doc if isinstance(doc, dict) else None
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError):

@@ -9,9 +9,17 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from .engine import Progress
+    from .runner import RunSummary
 
 from .errors import BatchrunError, JobError
 from .memory import use_lean_memory_pool
@@ -20,6 +28,7 @@ from .memory import use_lean_memory_pool
 use_lean_memory_pool()
 
 log = logging.getLogger("batchrun")
+T = TypeVar("T")
 
 
 _GROUP_OPTIONS = {"-h", "--help", "--version"}
@@ -61,7 +70,7 @@ class _Console:
         else:
             click.echo(f"batchrun: error: {text}", err=True)
 
-    def summary(self, summary) -> None:  # summary: runner.RunSummary
+    def summary(self, summary: RunSummary) -> None:
         if self.json_lines:
             click.echo(_json_line("info", summary.line(), summary=summary.to_dict()))
         else:
@@ -75,7 +84,14 @@ def _json_line(level: str, message: str, **fields: object) -> str:
     )
 
 
-def _boundary(debug: bool, fn, *args, console: _Console | None = None, cleanup=None, **kwargs):
+def _boundary(
+    debug: bool,
+    fn: Callable[..., T],
+    *args: Any,
+    console: _Console | None = None,
+    cleanup: Callable[[], None] | None = None,
+    **kwargs: Any,
+) -> T:
     """Run a command body; turn batchrun's errors into a message and an exit code.
 
     A run that stops early still ends with its summary line (the error carries the summary).
@@ -291,7 +307,7 @@ def _setup_logging(quiet: bool, debug: bool, fmt: str = "text") -> _LogHandler:
     return handler
 
 
-def _draws_a_bar(stream) -> bool:
+def _draws_a_bar(stream: TextIO) -> bool:
     """A terminal that can show a bar: a tty with a size. A pty of 0x0 (some CI runners, a
     container started before its terminal was sized) gets plain progress lines instead."""
     if not stream.isatty():
@@ -309,11 +325,11 @@ class _ProgressDisplay:
         self.quiet = quiet
         self.interval = interval
         self.tty = _draws_a_bar(sys.stderr)
-        self.bar = None
+        self.bar: tqdm[NoReturn] | None = None
         self.last_line = time.monotonic()
         self.first_done: int | None = None
 
-    def update(self, p) -> None:  # p: runner.Progress
+    def update(self, p: Progress) -> None:
         if self.quiet:
             return
         if self.first_done is None:

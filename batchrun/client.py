@@ -14,7 +14,7 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 
 from .errors import AuthError, EndpointError
-from .protocol import Answer, EchoMatch, ResponseError, build_request, match_response
+from .protocol import Answer, EchoMatch, Matched, ResponseError, build_request, match_response
 from .retry import INVALID, OutageVerdict, RetryLog, RetryPolicy, parse_retry_after
 
 # A hostile or broken endpoint must not exhaust memory: larger responses are refused.
@@ -270,10 +270,10 @@ class EndpointClient:
             return
         self.verdict.failure(exc.cause, exc.reason)
 
-    async def _attempt(self, prompts: list[str]):
-        body: bytes | io.BytesIO = build_request(self._model, prompts, self._params)
-        if len(body) > _STREAM_BODY_BYTES:  # aiohttp writes a large bytes body in one go
-            body = io.BytesIO(body)
+    async def _attempt(self, prompts: list[str]) -> Matched:
+        encoded = build_request(self._model, prompts, self._params)
+        # aiohttp writes a large bytes body in one go; a stream goes in chunks.
+        body: bytes | io.BytesIO = io.BytesIO(encoded) if len(encoded) > _STREAM_BODY_BYTES else encoded
         self.accounting.requests += 1
         self.accounting.prompts_sent += len(prompts)
         try:
@@ -300,7 +300,7 @@ class EndpointClient:
                     raise _Rejected(status, self._snippet(raw))
                 if status != 200:
                     raise _Transient(f"http_{status}", f"unexpected HTTP {status}")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _Transient("timeout", "no complete answer within endpoint.timeout_s") from None
         except aiohttp.ClientConnectorError as exc:
             # Refused, DNS, unreachable, TLS: the request never reached the server.

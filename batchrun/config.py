@@ -156,6 +156,7 @@ def load_job(path: str | Path) -> JobSpec:
             problems.append(f"{where}: unknown section [{key}]{hint}")
     for name, fld in JobFile.model_fields.items():
         model = fld.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
         if name not in raw:
             if fld.is_required():
                 problems.append(f"{where}: missing section [{name}]")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,7 +51,7 @@ def _open(path: Path, columns: Sequence[str] | None, block_bytes: int) -> pacsv.
     )
 
 
-def batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Iterator[pa.RecordBatch]:
+def batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Generator[pa.RecordBatch, None, None]:
     """A CSV file's batches, read in small blocks, grown only for an input whose rows need it.
 
     pyarrow's streaming reader reads ahead 32 blocks in the background, so memory grows with

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 
@@ -126,9 +126,10 @@ class Segment:
     def pending(self) -> list[int]:
         return [i for i, o in enumerate(self.outcomes) if o is None]
 
-    def to_table(self, only_resolved: bool) -> pa.Table:
-        idx = [i for i, o in enumerate(self.outcomes) if o is not None or not only_resolved]
-        outs = [self.outcomes[i] for i in idx]
+    def to_table(self) -> pa.Table:
+        """The resolved rows' results (all of them once the segment is complete)."""
+        idx = [i for i, o in enumerate(self.outcomes) if o is not None]
+        outs = [o for o in self.outcomes if o is not None]
         return pa.table(
             {
                 "row": [self.start + i for i in idx],
@@ -327,7 +328,9 @@ class Engine:
                 self.accounting.prompts_resent += len(seg.sent_before.intersection(batch.rows))
                 outcomes: list[RowOutcome | None] = [None] * len(batch.rows)
                 try:
-                    await client.process([seg.texts[i] for i in batch.rows], outcomes)
+                    # Batches hold only rows with a prompt (empty ones are resolved when opened).
+                    prompts = cast(list[str], [seg.texts[i] for i in batch.rows])
+                    await client.process(prompts, outcomes)
                 finally:
                     # Also when stopped, cancelled or ended by an outage: rows answered so far are
                     # kept (a partial checkpoint saves them), the others stay unresolved.
@@ -364,7 +367,7 @@ class Engine:
         if None in seg.outcomes:
             # A committed segment is final: a row in it without an outcome would be lost.
             raise RuntimeError(f"segment {seg.k} has unresolved rows; it must not be committed")
-        table = seg.to_table(only_resolved=False)
+        table = seg.to_table()
         info = segment_info(table)
         async with self.write_lock:
             await asyncio.to_thread(self.state.commit_segment, seg.k, table, info)
@@ -385,7 +388,7 @@ class Engine:
         async with self.write_lock:
             for seg in list(self.open.values()):
                 if seg.dirty and seg.outstanding:
-                    table = seg.to_table(only_resolved=True)
+                    table = seg.to_table()
                     await asyncio.to_thread(self.state.write_partial, seg.k, self.run_id, table)
                     seg.dirty = False
 

@@ -89,7 +89,9 @@ def check(plan: dict[str, Any], files: Sequence[Path]) -> InputCheck:
         )
     if [Path(str(r["path"])).name for r in recorded] != [f.name for f in files]:
         return InputCheck(False, None, {})
-    refreshed, hashes, touched = [], {}, False
+    refreshed: list[dict[str, Any]] = []
+    hashes: dict[tuple[str, int, int], str] = {}
+    touched = False
     for rec, f in zip(recorded, files):
         st = _stat(f)
         if st.st_size != rec["size"]:

@@ -12,6 +12,7 @@ it is itself one of the inputs of the next join, so a crash at any step only rep
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -49,7 +50,8 @@ def _carry_counts(state: RunState, made_for: str) -> dict[str, int] | None:
         return None
     if meta.get(b"batchrun.carry_for", b"").decode() != made_for or not _readable(state.carry_path):
         return None
-    return json.loads(meta[b"batchrun.carry_counts"])
+    counts: dict[str, int] = json.loads(meta[b"batchrun.carry_counts"])
+    return counts
 
 
 def _join_previous(spec: JobSpec, state: RunState, made_for: str) -> dict[str, int]:
@@ -58,7 +60,7 @@ def _join_previous(spec: JobSpec, state: RunState, made_for: str) -> dict[str, i
     previous = [f for f in _previous_files(state) if _readable(f)]
     if previous:
         prev = (
-            pl.scan_parquet(previous, schema=pl.Schema(pl.from_arrow(RESULT_SCHEMA.empty_table()).schema))
+            pl.scan_parquet(previous, schema=pl.DataFrame(RESULT_SCHEMA.empty_table()).schema)
             .filter(pl.col("error").is_null() & pl.col("id").is_not_null())
             .select("id", "prompt_hash", "output", "params", "attempts", "latency_s")
             .unique(subset=["id"], keep="first", maintain_order=True)
@@ -90,9 +92,11 @@ def _join_previous(spec: JobSpec, state: RunState, made_for: str) -> dict[str, i
     return counts
 
 
-def _write_incoming(spec: JobSpec, path) -> int:
+def _write_incoming(spec: JobSpec, path: Path) -> int:
     """(row, id, prompt_hash) of every row of the new input, streamed to a Parquet file."""
-    columns = list(dict.fromkeys([*spec.prompt_columns, spec.id_column]))
+    id_column = spec.id_column
+    assert id_column is not None
+    columns = list(dict.fromkeys([*spec.prompt_columns, id_column]))
     schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("prompt_hash", pa.int64())])
     row = 0
     with pq.ParquetWriter(path, schema) as writer:
@@ -102,7 +106,7 @@ def _write_incoming(spec: JobSpec, path) -> int:
                 pa.table(
                     {
                         "row": pa.array(range(row, row + n), pa.int64()),
-                        "id": source.id_strings(table, spec.id_column),
+                        "id": source.id_strings(table, id_column),
                         "prompt_hash": source.render_prompts(table, spec).hashes(),
                     },
                     schema=schema,
@@ -112,14 +116,14 @@ def _write_incoming(spec: JobSpec, path) -> int:
     return row
 
 
-def _previous_files(state: RunState) -> list:
+def _previous_files(state: RunState) -> list[Path]:
     files = sorted(state.segments_dir.glob("seg-*.parquet")) + sorted(state.partial_dir.glob("seg-*.parquet"))
     if state.carry_path.exists():
         files.append(state.carry_path)
     return files
 
 
-def _readable(path) -> bool:
+def _readable(path: Path) -> bool:
     try:
         pq.read_table(path, columns=["id"], page_checksum_verification=True)
         return True

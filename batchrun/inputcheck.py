@@ -116,7 +116,7 @@ def _id_type(t: pa.DataType) -> bool:
 
 
 def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
 
 
 def check_sample(spec: JobSpec) -> None:

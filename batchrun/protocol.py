@@ -92,10 +92,13 @@ def match_response(body: bytes, sent: Sequence[str], echo_match: EchoMatch = "ex
     problems = _Problems()
     unmatched: list[str] = []
     for n, item in enumerate(data):
-        answer, prompt, why = _check_item(item, memo)
+        answer, echoed, why = _check_item(item, memo)
         if why:
             problems.add(n, *why)
-        elif key(prompt) not in slots:
+            continue
+        assert answer is not None and echoed is not None  # an item without a problem has both
+        prompt = echoed
+        if key(prompt) not in slots:
             problems.add(n, "echoed prompt matches no prompt sent", _short(repr(prompt)))
             unmatched.append(prompt)
         else:
@@ -180,7 +183,7 @@ def _match_by_position(data: list[Any], sent: Sequence[str], memo: list[Any]) ->
         answer, _, why = _check_item(item, memo, need_echo=False)
         if why:
             problems.add(n, *why)
-        else:
+        elif answer is not None:
             result.answers[n] = answer
     lines = problems.lines()
     if lines:
@@ -243,7 +246,8 @@ def _params_json(params: dict[str, Any] | None, memo: list[Any]) -> str | None:
         return None
     shape = (tuple(params), tuple(map(type, params.values())))
     if memo and memo[0] == params and memo[1] == shape:
-        return memo[2]
+        cached: str = memo[2]
+        return cached
     text = json.dumps(params, sort_keys=True, separators=(",", ":"))
     if all(isinstance(v, _SCALARS) for v in params.values()):
         memo[:] = [params, shape, text]

@@ -164,7 +164,7 @@ class RetryLog:
 
     def _emit(self, now: float) -> None:
         counts = sorted(self._counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        span = now - self._since
+        span = now - (self._since if self._since is not None else now)
         self._log.warning(
             "retrying: %s in the last %s s; last: %s: %s",
             ", ".join(f"{n} {cause}" for cause, n in counts), f"{span:.0f}" if span >= 10 else f"{span:.1f}", *self._last,

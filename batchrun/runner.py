@@ -15,7 +15,15 @@ from typing import Any
 
 from . import fingerprint as fingerprints
 from . import source
-from .checkpoint import EMPTY_PROMPT, DamagedStateError, RunState, SegmentInfo, crashpoint, write_json_atomic
+from .checkpoint import (
+    EMPTY_PROMPT,
+    DamagedStateError,
+    RunState,
+    SegmentInfo,
+    crashpoint,
+    read_json,
+    write_json_atomic,
+)
 from .config import JobSpec, load_job
 from .engine import Engine, Progress, StopSignals
 from .errors import (
@@ -318,9 +326,9 @@ def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
             saved_in_partials=state.partial_rows(),
         )
     out["running"] = state.holders()
-    out["last_run"] = _read_json(_summary_path(spec, None))
+    out["last_run"] = read_json(_summary_path(spec, None))
     shards = sorted(spec.output_path.parent.glob(f"{spec.output_path.name}.shard-*.summary.json"))
-    out["shards"] = {p.name.split(".shard-")[1].removesuffix(".summary.json"): _read_json(p) for p in shards}
+    out["shards"] = {p.name.split(".shard-")[1].removesuffix(".summary.json"): read_json(p) for p in shards}
     out["success_marker"] = _success_path(spec).exists()
     return out
 
@@ -512,13 +520,6 @@ def _success_path(spec: JobSpec) -> Path:
     return spec.output_path.with_name(spec.output_path.name + ".SUCCESS")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -587,4 +588,6 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
     if incremental is not None:
         new_plan["incremental"] = incremental
     state.write_plan(new_plan)
-    return json.loads(json.dumps(state.read_plan()))
+    written = state.read_plan()
+    assert written is not None
+    return written

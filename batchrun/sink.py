@@ -87,7 +87,7 @@ def params_struct(types: dict[str, str]) -> pa.DataType:
 def _typed_params(column: pa.ChunkedArray, struct: pa.StructType) -> pa.Array:
     # Echoed params take few distinct values, so decode each distinct value once and gather.
     uniques = pc.unique(column)
-    decoded = []
+    decoded: list[dict[str, Any] | None] = []
     for raw in uniques.to_pylist():
         if raw is None:
             decoded.append(None)

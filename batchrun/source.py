@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
@@ -45,9 +45,9 @@ def resolve_input(pattern: str, base: Path) -> list[Path]:
     return [path]
 
 
-def detect_format(files: Sequence[Path]) -> str:
+def detect_format(files: Sequence[Path]) -> Literal["csv", "parquet"]:
     """``csv`` or ``parquet``, from the files' extensions (all files must agree)."""
-    kinds = set()
+    kinds: set[Literal["csv", "parquet"]] = set()
     for f in files:
         suffixes = [s.lower() for s in f.suffixes]
         if ".parquet" in suffixes or ".pq" in suffixes:
@@ -349,7 +349,14 @@ def prompt_hashes(texts: Sequence[str | None]) -> np.ndarray:
 
 def id_strings(table: pa.Table, column: str) -> list[str | None]:
     """Ids as text, the form checkpoint files keep them in (whatever the column's type)."""
-    return pl.from_arrow(table.select([column])).to_series().cast(pl.String).to_list()
+    values: list[str | None] = _id_text(table.column(column)).to_list()
+    return values
+
+
+def _id_text(column: pa.Array | pa.ChunkedArray) -> pl.Series:
+    series = pl.from_arrow(column)
+    assert isinstance(series, pl.Series)  # an Arrow array (not a table) becomes a Series
+    return series.cast(pl.String)
 
 
 def count_rows_and_check_ids(spec: JobSpec) -> int:
@@ -362,7 +369,7 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
         for batch in iter_batches(spec, cols):
             total += batch.num_rows
             if spec.id_column:
-                ids = pl.from_arrow(batch.column(0)).cast(pl.String)
+                ids = _id_text(batch.column(0))
                 if ids.null_count():
                     row = total - batch.num_rows + int(ids.is_null().arg_true()[0])
                     raise JobError(
@@ -378,7 +385,8 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
 
 def _parquet_rows(spec: JobSpec, path: Path) -> int:
     try:
-        return pq.read_metadata(path).num_rows
+        rows: int = pq.read_metadata(path).num_rows
+        return rows
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(spec, path, None, exc, 0, 0) from None
 
@@ -387,9 +395,10 @@ def _refuse_duplicate_ids(spec: JobSpec, clash: np.ndarray) -> None:
     # A repeated digest may be a hash collision: it is confirmed against the real ids in a second
     # pass, so a collision alone never refuses a job.
     suspects = pl.Series(clash)
+    assert spec.id_column is not None
     seen: dict[str, int] = {}
     for batch in iter_batches(spec, [spec.id_column]):
-        ids = pl.from_arrow(batch.column(0)).cast(pl.String)
+        ids = _id_text(batch.column(0))
         for value in ids.filter(ids.hash(seed=0).is_in(suspects.implode())).to_list():
             seen[value] = seen.get(value, 0) + 1
     dups = [v for v, n in seen.items() if n > 1]

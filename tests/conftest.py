@@ -18,10 +18,10 @@ from click.testing import CliRunner, Result
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from endpoint import LiveEndpoint  # noqa: E402
+from endpoint import LiveEndpoint
 
-from batchrun import server  # noqa: E402
-from batchrun.cli import main  # noqa: E402
+from batchrun import server
+from batchrun.cli import main
 
 MODEL = "custom/test-model"
 PARAMS = {"max_tokens": 6, "temperature": 0.5, "top_p": 0.9, "top_k": 20}

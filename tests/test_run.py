@@ -604,7 +604,6 @@ def test_a_resumed_parquet_run_reads_from_its_first_unfinished_segment(
 ) -> None:
     """With every segment but the last two committed, the rerun's reader starts at row group
     of the first unfinished one: the rows before it are never decoded."""
-    from batchrun import source
 
     rows = prompt_rows(400)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "input.parquet", row_group_size=50)

@@ -149,7 +149,7 @@ def run_throughput(workdir: Path, smoke: bool) -> list[dict[str, Any]]:
             if with_litellm:
                 results.append(contender("litellm", ep, limit=cell.single_prompts, **common))
         grouped = next(r for r in results if r["kind"] == "grouped")["steady_rate"]
-        say(f"| contender | prompts | prompts/s | of ideal | of grouped | CPU s/1k prompts | peak RSS MB |")
+        say("| contender | prompts | prompts/s | of ideal | of grouped | CPU s/1k prompts | peak RSS MB |")
         say("|---|---:|---:|---:|---:|---:|---:|")
         for r in results:
             r.update(concurrency=cell.concurrency, batch=cell.batch, latency_ms=cell.latency_ms,
