@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
@@ -115,9 +119,82 @@ BATCHRUN = Path(sys.executable).with_name("batchrun")
 SCRATCH_NAMES = frozenset({".incoming.parquet"})
 
 
-def run_dir(folder: Path) -> Path:
+# --- a job written by ``write_job`` with its default output path, and the files beside it -------
+
+
+def small_job(folder: Path, url: str, n: int = 10, **kwargs: Any) -> tuple[Path, list[dict[str, Any]]]:
+    """A job of ``n`` rows (by default batch_size 4, concurrency 2: three requests) in ``folder``."""
+    rows = prompt_rows(n)
+    write_csv(folder / "input.csv", rows)
+    return write_job(folder, url, **kwargs), rows
+
+
+def output_of(folder: Path) -> Path:
+    return folder / "out" / "result.parquet"
+
+
+def state_of(folder: Path) -> Path:
     """The run directory of a job written by ``write_job`` with its default output path."""
     return folder / "out" / "result.parquet.batchrun"
+
+
+def summary_of(folder: Path, shard: str = "") -> dict[str, Any]:
+    suffix = f".shard-{shard.replace('/', '-of-')}.summary.json" if shard else ".summary.json"
+    doc: dict[str, Any] = json.loads((folder / "out" / f"result.parquet{suffix}").read_text())
+    return doc
+
+
+def marker_of(folder: Path) -> Path:
+    return folder / "out" / "result.parquet.SUCCESS"
+
+
+def committed_results(state: Path) -> pa.Table:
+    """Every result the run directory holds (segments and partials): row, output, error."""
+    files = sorted(state.glob("segments/*.parquet")) + sorted(state.glob("partial/*.parquet"))
+    tables = [pq.read_table(f, columns=["row", "output", "error"]) for f in files]
+    if not tables:
+        return pa.table({"row": pa.array([], pa.int64()), "output": pa.array([], pa.list_(pa.string())),
+                         "error": pa.array([], pa.string())})
+    return pa.concat_tables(tables)
+
+
+# --- the CLI in a process of its own, and waiting for what it makes observable -----------------
+
+
+def cli(
+    *args: Any,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+    crash_at: str | None = None,
+    timeout: float = 60,
+    **kwargs: Any,
+) -> subprocess.CompletedProcess[str]:
+    """``batchrun ARGS`` through the installed console script, as cron or a shell runs it.
+
+    ``cwd`` defaults to the folder of the first ``.toml`` argument; ``env`` is added to the
+    environment and ``unset`` taken from it; ``crash_at`` sets ``BATCHRUN_CRASH_AT`` (never
+    inherited otherwise).
+    """
+    if cwd is None:
+        cwd = next(Path(a).parent for a in args if str(a).endswith(".toml"))
+    environ = {k: v for k, v in os.environ.items() if k not in (*unset, "BATCHRUN_CRASH_AT")}
+    environ.update(env or {})
+    if crash_at:
+        environ["BATCHRUN_CRASH_AT"] = crash_at
+    return subprocess.run(
+        [str(BATCHRUN), *map(str, args)], cwd=cwd, env=environ, capture_output=True, text=True,
+        timeout=timeout, **kwargs,
+    )
+
+
+def wait_for(condition: Callable[[], object], what: str, within_s: float = 30.0) -> None:
+    """Poll for an event batchrun makes observable (a file, a request count, an exit), with a
+    deadline; never a sleep that guesses how long something takes."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 def final_files(folder: Path) -> list[Path]:
@@ -130,10 +207,6 @@ def final_files(folder: Path) -> list[Path]:
 def assert_final_files_readable(folder: Path) -> int:
     """Every file under a final name reads back whole (Parquet with its page checksums, JSON as an
     object, journal lines as row numbers); returns how many files were checked."""
-    import json
-
-    import pyarrow.parquet as pq
-
     files = final_files(folder)
     for f in files:
         try:

@@ -6,7 +6,6 @@ its answers, and asserts the exit code and the first line a user reads.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -15,10 +14,19 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import assert_exact, invoke, prompt_rows, write_csv, write_job
+from conftest import (
+    assert_exact,
+    cli,
+    committed_results,
+    invoke,
+    output_of,
+    prompt_rows,
+    state_of,
+    summary_of,
+    write_csv,
+    write_job,
+)
 from endpoint import LiveEndpoint
-from test_faults import cli, output_of
-from test_run import committed_results, state_dir
 
 from batchrun import run_job
 
@@ -28,13 +36,9 @@ def error_line(stderr: str) -> str:
     return next(line for line in stderr.splitlines() if line.startswith("batchrun: error: "))
 
 
-def summary_of(tmp_path: Path) -> dict[str, Any]:
-    return json.loads((tmp_path / "out" / "result.parquet.summary.json").read_text())
-
-
 def assert_stopped_keeping_progress(tmp_path: Path) -> None:
     """Exit 4's promise: no row marked failed, no output, no success marker."""
-    errors = committed_results(state_dir(tmp_path)).column("error")
+    errors = committed_results(state_of(tmp_path)).column("error")
     assert errors.null_count == len(errors), "rows were marked failed for the endpoint's fault"
     assert not output_of(tmp_path).exists()
     assert not (tmp_path / "out" / "result.parquet.SUCCESS").exists()

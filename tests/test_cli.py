@@ -10,13 +10,23 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pytest
 from aiohttp import web
 from click.testing import Result
-from conftest import PARAMS, assert_exact, expected_output, invoke, prompt_rows, write_csv, write_job
+from conftest import (
+    PARAMS,
+    assert_exact,
+    cli,
+    expected_output,
+    invoke,
+    output_of,
+    prompt_rows,
+    small_job,
+    write_csv,
+    write_job,
+)
 from endpoint import LiveEndpoint
 
 from batchrun import server
@@ -43,24 +53,6 @@ def summary_pattern(
         rf"batchrun: {status}: {ok}/{total} rows succeeded{re.escape(failed)}; this run answered "
         rf"{answered} rows in {requests} requests \({retries} retries{causes}, {resent} prompts resent\) "
         rf"in \d+\.\ds; output: {re.escape(str(output))}\n"
-    )
-
-
-def output_of(folder: Path) -> Path:
-    return folder / "out" / "result.parquet"
-
-
-def small_job(folder: Path, url: str, n: int = 10, **kwargs: Any) -> tuple[Path, list[dict[str, Any]]]:
-    """A 10-row job (batch_size 4, concurrency 2: three requests) in ``folder``."""
-    rows = prompt_rows(n)
-    write_csv(folder / "input.csv", rows)
-    return write_job(folder, url, **kwargs), rows
-
-
-def run_batchrun(*args: Any, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed console script in a process of its own, as cron or a shell would run it."""
-    return subprocess.run(
-        [str(BATCHRUN), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
 
 
@@ -442,7 +434,7 @@ def test_an_unexpected_error_is_one_message_line_without_a_traceback(tmp_path: P
     write_csv(tmp_path / "input.csv", prompt_rows(2))
     job = write_job(tmp_path, "builtin")
     (tmp_path / "out").write_text("not a folder")
-    proc = run_batchrun(job, cwd=tmp_path)
+    proc = cli(job, cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("batchrun: error: "), proc.stderr
@@ -481,7 +473,7 @@ def test_the_example_job_runs_from_another_directory_then_has_nothing_to_do(tmp_
     elsewhere.mkdir()
     output = project / "out" / "example.parquet"
 
-    first = run_batchrun("../project/jobs/example.toml", cwd=elsewhere)
+    first = cli("../project/jobs/example.toml", cwd=elsewhere)
     assert first.returncode == 0, first.stderr
     assert re.fullmatch(summary_pattern("complete", 20, 20, 20, 5, output), first.stdout), first.stdout
     assert re.fullmatch(
@@ -500,7 +492,7 @@ def test_the_example_job_runs_from_another_directory_then_has_nothing_to_do(tmp_
     for prompt, got in zip(df["prompt"], df["output"]):
         assert got.to_list() == expected_output(prompt, params, model="custom/meta-llama/Llama-2-13b-hf")
 
-    again = run_batchrun("../project/jobs/example.toml", cwd=elsewhere)
+    again = cli("../project/jobs/example.toml", cwd=elsewhere)
     assert again.returncode == 0, again.stderr
     assert again.stdout == f"batchrun: nothing to do: all 20 rows are done ({output})\n"
     assert again.stderr == ""
@@ -509,7 +501,7 @@ def test_the_example_job_runs_from_another_directory_then_has_nothing_to_do(tmp_
 def test_an_invalid_job_exits_2_without_a_traceback_from_the_installed_command(tmp_path: Path) -> None:
     write_csv(tmp_path / "input.csv", prompt_rows(2))
     write_job(tmp_path, "builtin", input={"template": "Q: {question}"}, run={"concurrency": 0})
-    proc = run_batchrun("job.toml", cwd=tmp_path)
+    proc = cli("job.toml", cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
@@ -527,8 +519,7 @@ def test_an_invalid_job_exits_2_without_a_traceback_from_the_installed_command(t
 def test_an_unset_key_variable_exits_2_from_the_installed_command(tmp_path: Path) -> None:
     write_csv(tmp_path / "input.csv", prompt_rows(2))
     job = write_job(tmp_path, "builtin", endpoint={"api_key_env": "BATCHRUN_TEST_UNSET_KEY"})
-    env = {k: v for k, v in os.environ.items() if k != "BATCHRUN_TEST_UNSET_KEY"}
-    proc = run_batchrun("job.toml", cwd=tmp_path, env=env)
+    proc = cli("job.toml", cwd=tmp_path, unset=("BATCHRUN_TEST_UNSET_KEY",))
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == (

@@ -31,10 +31,13 @@ from conftest import (
     StderrWatch,
     assert_exact,
     assert_final_files_readable,
+    cli,
     expected_output,
+    output_of,
     prompt_rows,
-    run_dir,
+    state_of,
     tally,
+    wait_for,
     write_csv,
     write_job,
 )
@@ -50,10 +53,6 @@ SOURCE = Path(__file__).parent.parent / "batchrun"
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def output_of(folder: Path) -> Path:
-    return folder / "out" / "result.parquet"
-
-
 def success_of(folder: Path) -> Path:
     return folder / "out" / "result.parquet.SUCCESS"
 
@@ -62,7 +61,7 @@ def saved_rows(folder: Path, rows: list[dict[str, Any]]) -> set[int]:
     """Rows whose answer is saved in a segment or partial file; each saved answer must already be
     its own row's (what is saved is never wrong, only possibly incomplete)."""
     saved: set[int] = set()
-    state = run_dir(folder)
+    state = state_of(folder)
     for f in sorted(state.glob("segments/seg-*.parquet")) + sorted(state.glob("partial/seg-*.parquet")):
         table = pq.read_table(f, columns=["row", "output", "error"], page_checksum_verification=True)
         for r in table.to_pylist():
@@ -125,23 +124,6 @@ class OutputReader(threading.Thread):
         self.done.set()
         if self.is_alive():
             self.join(10)
-
-
-def cli(job: Path, *args: str, crash_at: str | None = None, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("BATCHRUN_CRASH_AT", None)
-    if crash_at:
-        env["BATCHRUN_CRASH_AT"] = crash_at
-    return subprocess.run(
-        [str(BATCHRUN), str(job), *args], cwd=job.parent, env=env, capture_output=True, text=True, timeout=timeout, **kw
-    )
-
-
-def wait_for(condition: Any, what: str, within_s: float = 30.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
 
 
 # --- 1. kill -9 at random moments ---------------------------------------------------------------
@@ -363,7 +345,7 @@ def test_a_reader_of_an_output_being_rewritten_sees_the_old_file_whole_until_the
     with LiveEndpoint() as ep:
         job = crash_job(tmp_path, ep.url, rows)
         assert run_job(job).exit_code == 0
-        (run_dir(tmp_path) / "finished.json").unlink()  # the next run must write the output again
+        (state_of(tmp_path) / "finished.json").unlink()  # the next run must write the output again
         with OutputReader(output_of(tmp_path), [rows]) as reader:
             crashed = cli(job, crash_at="output:fsynced")
         assert crashed.returncode == -signal.SIGKILL
@@ -488,7 +470,7 @@ def test_sigterm_while_waiting_outside_the_request_loop_still_exits_130_saying_p
     another process writing the output)."""
     rows = prompt_rows(64)
     write_csv(tmp_path / "input.csv", rows)
-    state = run_dir(tmp_path)
+    state = state_of(tmp_path)
     state.mkdir(parents=True)
     fd = os.open(state / held, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -540,7 +522,7 @@ def sizes_of_a_clean_run(folder: Path, url: str, rows: list[dict[str, Any]]) -> 
     folder.mkdir()
     job = crash_job(folder, url, rows)
     assert run_job(job).exit_code == 0
-    state = run_dir(folder)
+    state = state_of(folder)
     return {
         "plan": (state / "plan.json").stat().st_size,
         "checkpoint": min(f.stat().st_size for f in state.glob("segments/*.parquet")),

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import signal
@@ -25,9 +24,21 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import StderrWatch, assert_exact, expected_output, prompt_rows, write_csv, write_job
+from conftest import (
+    BATCHRUN,
+    StderrWatch,
+    assert_exact,
+    cli,
+    committed_results,
+    expected_output,
+    output_of,
+    prompt_rows,
+    state_of,
+    wait_for,
+    write_csv,
+    write_job,
+)
 from endpoint import Arrival, LiveEndpoint, shared_faults
-from test_run import BATCHRUN, committed_results, state_dir, wait_for
 
 from batchrun import client, run_job
 from batchrun.errors import OutageError
@@ -55,18 +66,6 @@ ONE_ITEM = {"drop", "extra", "alter", "output_string", "output_numbers", "output
 # Faults that cost about a second of waiting each (Retry-After): injected at most twice.
 WAITING = {"429ra", "429date", "503ra", "503date"}
 FAULT_KINDS = [*CAUSE, "reorder"]
-
-
-def output_of(tmp_path: Path) -> Path:
-    return tmp_path / "out" / "result.parquet"
-
-
-def cli(*args: Any, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``batchrun ARGS`` as a user runs it, with ``env`` added to the environment."""
-    return subprocess.run(
-        [str(BATCHRUN), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def error_line(stderr: str) -> str:
@@ -277,7 +276,7 @@ def test_a_refused_key_stops_the_cli_at_once_with_exit_4_and_the_fixed_key_compl
         assert 1 <= ep.log.requests <= 4, "requests went on after the key was refused"
         assert took < 10
         assert not output_of(tmp_path).exists()
-        errors = committed_results(state_dir(tmp_path)).column("error")
+        errors = committed_results(state_of(tmp_path)).column("error")
         assert errors.null_count == len(errors), "a row was marked failed because of the key"
 
         first = ep.log.requests
@@ -310,7 +309,7 @@ def test_connection_refused_stops_the_cli_early_with_exit_4_and_a_new_api_base_c
     assert "stopped early with progress kept" in stopped.stderr
     assert took < 10
     assert not output_of(tmp_path).exists()
-    assert committed_results(state_dir(tmp_path)).num_rows == 0
+    assert committed_results(state_of(tmp_path)).num_rows == 0
 
     with LiveEndpoint() as back:
         write_job(tmp_path, back.url, run={"batch_size": 16, "concurrency": 8, "outage_after_failures": 10})
@@ -345,7 +344,7 @@ def test_an_endpoint_that_turns_to_503_stops_the_run_keeping_progress_and_the_re
         assert took < 10
         assert served < ep.log.requests <= served + outage_after + concurrency
         answered = {p for a, p in _prompts_by_arrival(ep.log) if a.fault is None}
-        kept = committed_results(state_dir(tmp_path)).to_pylist()
+        kept = committed_results(state_of(tmp_path)).to_pylist()
         assert [r for r in kept if r["error"] is not None] == [], "the outage marked rows failed"
         kept_prompts = {rows[r["row"]]["prompt"] for r in kept}
         print(f"answered {len(answered)} rows before the outage, kept {len(kept_prompts)}")
@@ -386,7 +385,7 @@ def test_a_5000_row_job_against_an_endpoint_down_from_the_start_marks_no_row_fai
     print(f"down from the start: {ep.log.requests} requests, {took:.2f}s")
     assert 20 <= ep.log.requests <= 20 + 8
     assert took < 10
-    errors = committed_results(state_dir(tmp_path)).column("error")
+    errors = committed_results(state_of(tmp_path)).column("error")
     assert errors.null_count == len(errors), "rows were marked failed by an outage"
 
 
@@ -406,7 +405,7 @@ def test_rows_that_failed_in_the_run_up_to_an_outage_are_retried_when_the_endpoi
         with pytest.raises(OutageError):
             run_job(job)
         assert ep.log.requests == 1 + 10
-        recorded = committed_results(state_dir(tmp_path)).to_pylist()
+        recorded = committed_results(state_of(tmp_path)).to_pylist()
         assert sorted(r["row"] for r in recorded if r["error"]) == list(range(4, 16))  # three batches gave up
         broken["on"] = False
         first = len(ep.log.prompts_received)
@@ -457,7 +456,7 @@ def test_a_20_row_job_against_a_dead_endpoint_exits_4_with_no_row_failed_no_outp
     assert result.returncode == 4, result.stderr
     assert re.fullmatch("batchrun: error: " + DEAD[dead], error_line(result.stderr)), result.stderr
     assert took < 10
-    errors = committed_results(state_dir(tmp_path)).column("error")
+    errors = committed_results(state_of(tmp_path)).column("error")
     assert errors.null_count == len(errors), "rows were marked failed for the endpoint's fault"
     assert not output_of(tmp_path).exists()
     assert not output_of(tmp_path).with_name("result.parquet.SUCCESS").exists()
@@ -492,7 +491,7 @@ def test_an_endpoint_gone_mid_run_is_an_outage_even_after_it_answered_others(tmp
             proc.kill()
     assert proc.returncode == 4, err
     assert error_line(err).startswith("batchrun: error: cannot connect to the endpoint (ClientConnectorError: ")
-    kept = committed_results(state_dir(tmp_path)).to_pylist()
+    kept = committed_results(state_of(tmp_path)).to_pylist()
     assert [r for r in kept if r["error"] is not None] == [], "rows were marked failed for the endpoint's fault"
     assert len(kept) >= 8
     assert not output_of(tmp_path).exists()
@@ -619,7 +618,7 @@ def test_a_307_redirect_is_not_followed_the_target_gets_nothing_and_the_cli_exit
         assert 1 <= redirector.log.requests <= 2
     assert canary not in result.stdout + result.stderr
     assert not output_of(tmp_path).exists()
-    errors = committed_results(state_dir(tmp_path)).column("error")
+    errors = committed_results(state_of(tmp_path)).column("error")
     assert errors.null_count == len(errors)
 
 
@@ -916,7 +915,7 @@ def test_after_ctrl_c_a_worker_waiting_to_retry_sends_nothing_and_the_rows_its_b
         signalled_at = time.monotonic()
         child.proc.send_signal(signal.SIGINT)
         assert_stopped_and_nothing_sent_after(child, ep, signalled_at, within_s=3)
-        kept = committed_results(state_dir(tmp_path)).to_pylist()
+        kept = committed_results(state_of(tmp_path)).to_pylist()
         assert sorted(r["row"] for r in kept) == [*range(12), 13, 14, 15]
         assert [r for r in kept if r["error"] is not None] == [], "a row was marked failed by the stop"
 
@@ -947,7 +946,7 @@ def test_after_ctrl_c_workers_held_by_a_429_pause_send_nothing_more(tmp_path: Pa
         assert_stopped_and_nothing_sent_after(child, ep, signalled_at, within_s=3)
         answered = ep.log.arrivals[0]
         assert (ep.log.requests, answered.fault) == (2, None)
-        kept = committed_results(state_dir(tmp_path)).to_pylist()
+        kept = committed_results(state_of(tmp_path)).to_pylist()
         assert len(kept) == 4 and [r for r in kept if r["error"] is not None] == []
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import Result
-from conftest import assert_exact, invoke, prompt_rows, run_dir, write_csv, write_job
+from conftest import assert_exact, invoke, prompt_rows, state_of, write_csv, write_job
 from endpoint import LiveEndpoint
 
 from batchrun import inputcheck
@@ -243,7 +243,7 @@ def edit_in_place(path: Path, old: bytes, new: bytes) -> None:
 
 
 def plan_of(folder: Path) -> dict[str, Any]:
-    return json.loads((run_dir(folder) / "plan.json").read_text(encoding="utf-8"))
+    return json.loads((state_of(folder) / "plan.json").read_text(encoding="utf-8"))
 
 
 CHANGED = (
@@ -273,7 +273,7 @@ def test_a_same_size_edit_with_a_new_mtime_after_completion_is_refused(tmp_path:
     mtime = (tmp_path / "input.csv").stat().st_mtime_ns
     edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
     set_mtime(tmp_path / "input.csv", mtime + 10**9)
-    assert refused(invoke(job)) == CHANGED + f"{run_dir(tmp_path)}"
+    assert refused(invoke(job)) == CHANGED + f"{state_of(tmp_path)}"
 
 
 @pytest.mark.slow
@@ -288,7 +288,7 @@ def test_a_same_size_edit_in_the_middle_of_a_file_over_64_mb_is_caught(tmp_path:
     mtime = (tmp_path / "input.csv").stat().st_mtime_ns
     edit_in_place(tmp_path / "input.csv", b"Prompt number 17,", b"Prompt numbex 17,")
     set_mtime(tmp_path / "input.csv", mtime + 10**9)
-    assert refused(invoke(job)) == CHANGED + f"{run_dir(tmp_path)}"
+    assert refused(invoke(job)) == CHANGED + f"{state_of(tmp_path)}"
 
 
 def test_a_same_size_edit_with_a_new_mtime_is_planned_incrementally_with_an_id_column(
@@ -355,7 +355,7 @@ def as_version_1(folder: Path) -> None:
         {"path": f["path"], "size": f["size"], "mtime_ns": f["mtime_ns"], "sample_sha256": f["sha256"]}
         for f in plan["fingerprint"]
     ]
-    (run_dir(folder) / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    (state_of(folder) / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
 
 
 def test_a_plan_of_version_1_still_resumes_compared_by_its_sample_hash(tmp_path: Path, endpoint: LiveEndpoint) -> None:
@@ -369,7 +369,7 @@ def test_a_plan_of_version_1_still_resumes_compared_by_its_sample_hash(tmp_path:
     assert result.stdout.startswith("batchrun: nothing to do: all 50 rows are done"), result.output
     assert plan_of(tmp_path) == old, "a version 1 plan is compared the old way, never rewritten"
     edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
-    assert refused(invoke(job)) == CHANGED + f"{run_dir(tmp_path)}"
+    assert refused(invoke(job)) == CHANGED + f"{state_of(tmp_path)}"
 
 
 def test_a_plan_from_a_newer_batchrun_is_refused_not_misread(tmp_path: Path) -> None:
@@ -377,7 +377,7 @@ def test_a_plan_from_a_newer_batchrun_is_refused_not_misread(tmp_path: Path) -> 
     job = write_job(tmp_path, "builtin")
     assert invoke(job).exit_code == 0
     plan = {**plan_of(tmp_path), "version": 3}
-    (run_dir(tmp_path) / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    (state_of(tmp_path) / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
     assert refused(invoke(job)) == (
         "batchrun: error: the saved progress was planned by a newer batchrun (plan version 3); "
         "run it with that version, or run with --restart to discard it"

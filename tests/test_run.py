@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PARAMS, assert_exact, expected_output, prompt_rows, write_csv, write_job
+from conftest import (
+    PARAMS,
+    assert_exact,
+    committed_results,
+    expected_output,
+    prompt_rows,
+    state_of,
+    wait_for,
+    write_csv,
+    write_job,
+)
 from endpoint import LiveEndpoint
 
 from batchrun import run_job
@@ -24,29 +33,6 @@ from batchrun.server import ServerOptions, effective_params
 
 BATCHRUN = Path(sys.executable).with_name("batchrun")
 OUTPUT_COLUMNS = ["output", "params", "error", "attempts", "latency_s"]
-
-
-def state_dir(tmp_path: Path) -> Path:
-    """The run directory of a job written by ``write_job`` with its default output path."""
-    return tmp_path / "out" / "result.parquet.batchrun"
-
-
-def committed_results(state: Path) -> pa.Table:
-    """Every result the run directory holds (segments and partials): row, output, error."""
-    files = sorted(state.glob("segments/*.parquet")) + sorted(state.glob("partial/*.parquet"))
-    tables = [pq.read_table(f, columns=["row", "output", "error"]) for f in files]
-    if not tables:
-        return pa.table({"row": pa.array([], pa.int64()), "output": pa.array([], pa.list_(pa.string())),
-                         "error": pa.array([], pa.string())})
-    return pa.concat_tables(tables)
-
-
-def wait_for(condition: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
-    """Poll for an event batchrun makes observable (a file, a request count), with a deadline."""
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def fault_every_third(kind: str) -> Callable[[int, list[str]], str | None]:
@@ -166,7 +152,7 @@ def test_ctrl_c_saves_progress_and_the_same_command_finishes_without_resending_c
 ) -> None:
     rows = prompt_rows(400)
     write_csv(tmp_path / "input.csv", rows)
-    state = state_dir(tmp_path)
+    state = state_of(tmp_path)
     with LiveEndpoint(ServerOptions(latency_s=0.05)) as ep:
         job = write_job(
             tmp_path, ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_interval_s": 0.2}
@@ -334,7 +320,7 @@ def test_401_raises_auth_error_writes_no_output_and_marks_no_row_failed(tmp_path
             run_job(job)
         assert ep.log.requests >= 1
         assert not (tmp_path / "out" / "result.parquet").exists()
-        errors = committed_results(state_dir(tmp_path)).column("error").to_pylist()
+        errors = committed_results(state_of(tmp_path)).column("error").to_pylist()
         assert [e for e in errors if e is not None] == [], "a row was marked failed because of the credentials"
 
         refusing["on"] = False  # the key is fixed: the same job now completes
@@ -454,7 +440,7 @@ def test_changed_input_after_a_partial_run_is_refused_until_restart(tmp_path: Pa
             tmp_path, ep.url, input={"id_column": None},
             run={"batch_size": 4, "concurrency": 1, "checkpoint_rows": 8},
         )
-        code, err = interrupt_once_progress_is_saved(job, state_dir(tmp_path))
+        code, err = interrupt_once_progress_is_saved(job, state_of(tmp_path))
         assert code == 130, err
 
         rows[3]["prompt"] = "A changed prompt"
@@ -484,9 +470,9 @@ def test_small_checkpoint_rows_commit_many_segments_and_leave_no_temporary_files
     job = write_job(tmp_path, endpoint.url, run={"batch_size": 8, "concurrency": 4, "checkpoint_rows": 64})
     assert run_job(job).exit_code == 0
     assert_exact(tmp_path / "out" / "result.parquet", rows)
-    segments = sorted(p.name for p in state_dir(tmp_path).glob("segments/*.parquet"))
+    segments = sorted(p.name for p in state_of(tmp_path).glob("segments/*.parquet"))
     assert segments == [f"seg-{k:08d}.parquet" for k in range(16)]  # ceil(1000 / 64)
-    assert list(state_dir(tmp_path).glob("partial/*")) == []
+    assert list(state_of(tmp_path).glob("partial/*")) == []
     assert [p for p in tmp_path.rglob("*") if ".tmp-" in p.name] == []
     assert endpoint.log.max_batch <= 8 and endpoint.log.max_in_flight <= 4
 

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,20 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_exact, invoke, prompt_rows, write_csv, write_job
+from conftest import (
+    assert_exact,
+    cli,
+    invoke,
+    marker_of,
+    output_of,
+    prompt_rows,
+    small_job,
+    state_of,
+    summary_of,
+    wait_for,
+    write_csv,
+    write_job,
+)
 from endpoint import LiveEndpoint
 
 from batchrun.checkpoint import RunState
@@ -35,13 +47,6 @@ from batchrun.server import ServerOptions
 BATCHRUN = Path(sys.executable).with_name("batchrun")
 HOST = re.escape(socket.gethostname())
 STAMP = "%Y-%m-%dT%H:%M:%S%z"
-
-
-def cli(*args: Any, cwd: Path, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """The installed console script in a process of its own, as cron would start it."""
-    return subprocess.run(
-        [str(BATCHRUN), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs
-    )
 
 
 def start(*args: Any, cwd: Path) -> subprocess.Popen[str]:
@@ -58,37 +63,6 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str, 
             proc.kill()
             proc.communicate()
     return proc.returncode, out, err
-
-
-def wait_for(condition: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
-    """Poll for an event batchrun makes observable (a file, a request, an exit), with a deadline."""
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def output_of(folder: Path) -> Path:
-    return folder / "out" / "result.parquet"
-
-
-def state_of(folder: Path) -> Path:
-    return folder / "out" / "result.parquet.batchrun"
-
-
-def summary_of(folder: Path, shard: str = "") -> dict[str, Any]:
-    suffix = f".shard-{shard.replace('/', '-of-')}.summary.json" if shard else ".summary.json"
-    return json.loads((folder / "out" / f"result.parquet{suffix}").read_text())
-
-
-def marker_of(folder: Path) -> Path:
-    return folder / "out" / "result.parquet.SUCCESS"
-
-
-def small_job(folder: Path, url: str, n: int = 10, **kwargs: Any) -> tuple[Path, list[dict[str, Any]]]:
-    rows = prompt_rows(n)
-    write_csv(folder / "input.csv", rows)
-    return write_job(folder, url, **kwargs), rows
 
 
 class Gate:
