@@ -315,29 +315,45 @@ CASES = [
 ]
 
 
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+    before: dict[str, str | None]  # the folder's files before the command
+    sent: int  # requests the endpoint received during the command
+
+
+def attempt(case: Case, folder: Path, *command: str) -> Outcome:
+    """Set the case up against a live endpoint, then run ``batchrun [command] ARGS`` on it."""
+    with LiveEndpoint(rule=case.rule) as ep:
+        try:
+            args = case.setup(folder, ep.url)
+            before, mark = _snapshot(folder), ep.log.requests
+            code, out, err = _run(case, [*command, *args], folder)
+        finally:
+            while _held:
+                _held.pop().__exit__(None, None, None)
+        sent = ep.log.requests - mark
+    assert "Traceback" not in out + err, err
+    return Outcome(code, out, err, before, sent)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_each_hostile_case_has_its_exit_code_and_first_line_and_changes_no_file_it_did_not_write(
     tmp_path: Path, case: Case
 ) -> None:
-    with LiveEndpoint(rule=case.rule) as ep:
-        try:
-            args = case.setup(tmp_path, ep.url)
-            before = _snapshot(tmp_path)
-            code, out, err = _run(case, args, tmp_path)
-        finally:
-            while _held:
-                _held.pop().__exit__(None, None, None)
-        requests = ep.log.requests
+    got = attempt(case, tmp_path)
+    code, out, err = got.code, got.out, got.err
     print(f"{case.name}: exit {code}: {[ln for ln in (err + out).splitlines() if ln.startswith('batchrun: ')][:1]}")
-    assert "Traceback" not in out + err, err
     assert code != 1, err
     assert code == case.code, (out, err)
     lines = err.splitlines() if code not in (0, 3) else out.splitlines()
     first = next((ln for ln in lines if ln.startswith("batchrun: ")), "")
     assert re.match(case.first, first), (first, err)
     if case.sends is not None:
-        assert (requests > 0) == case.sends, requests
-    changed = [p for p, digest in before.items() if _digest(tmp_path / p) != digest and not _batchruns(p)]
+        assert (got.sent > 0) == case.sends, got.sent
+    changed = [p for p, digest in got.before.items() if _digest(tmp_path / p) != digest and not _batchruns(p)]
     assert changed == [], f"changed files batchrun did not write: {changed}"
 
 
@@ -378,22 +394,12 @@ def test_validate_refuses_what_run_refuses_before_its_first_request_with_the_sam
     tmp_path: Path, case: Case
 ) -> None:
     """`batchrun validate` runs every check `run` makes before its first request."""
-    with LiveEndpoint(rule=case.rule) as ep:
-        try:
-            args = case.setup(tmp_path, ep.url)
-            before, sent = _snapshot(tmp_path), ep.log.requests
-            code, out, err = _run(case, ["validate", *args], tmp_path)
-        finally:
-            while _held:
-                _held.pop().__exit__(None, None, None)
-        assert ep.log.requests == sent, "validate sent a request"
-    assert "Traceback" not in out + err, err
-    if case.code == 75:
-        return
-    assert code == case.code, (out, err)
-    first = next((ln for ln in err.splitlines() if ln.startswith("batchrun: ")), "")
-    assert re.match(case.validate_first or case.first, first), (first, err)
-    assert _snapshot(tmp_path) == before, "validate wrote something"
+    got = attempt(case, tmp_path, "validate")
+    assert got.sent == 0, "validate sent a request"
+    assert got.code == case.code, (got.out, got.err)
+    first = next((ln for ln in got.err.splitlines() if ln.startswith("batchrun: ")), "")
+    assert _snapshot(tmp_path) == got.before, "validate wrote something"
+    assert re.match(case.validate_first or case.first, first), (first, got.err)
 
 
 def test_the_table_holds_at_least_40_cases() -> None:
