@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -30,11 +31,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .echoed import params_types
 from .errors import BusyError, StorageError
 
 # 2: the fingerprint holds each file's whole-content sha256 (1: sample_sha256, see fingerprint.py).
@@ -67,6 +69,18 @@ class SegmentInfo:
     params_types: dict[str, str] = field(default_factory=dict)
     failed_by_class: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, table: pa.Table, failed_by_class: dict[str, int]) -> SegmentInfo:
+        """A complete segment's info, from its results and its failed rows counted by class."""
+        failed = sum(failed_by_class.values())
+        return cls(
+            rows=table.num_rows,
+            failed=failed,
+            retryable=failed - failed_by_class.get(EMPTY_PROMPT, 0),
+            params_types=params_types(table.column("params").unique().to_pylist()),
+            failed_by_class=failed_by_class,
+        )
+
     @property
     def skipped(self) -> int:
         """Rows not sent because their prompt is empty: neither succeeded nor failed."""
@@ -80,6 +94,42 @@ class SegmentInfo:
             "batchrun.params_types": json.dumps(self.params_types, sort_keys=True),
             "batchrun.failed_by_class": json.dumps(self.failed_by_class, sort_keys=True),
         }
+
+
+@dataclass(frozen=True)
+class SegmentFile:
+    """A segment's file name, made and parsed here and nowhere else.
+
+    ``seg-00000042.parquet`` (committed results, ``segments/``), ``seg-00000042.<run>.parquet``
+    (a partial checkpoint of run ``<run>``, ``partial/``), ``seg-00000042.sent`` (``journal/``).
+    """
+
+    k: int
+    run: str | None = None
+    kind: Literal["parquet", "sent"] = "parquet"
+
+    @classmethod
+    def parse(cls, name: str) -> SegmentFile | None:
+        """The file a name stands for; None for any other name."""
+        m = _SEGMENT_NAME.fullmatch(name)
+        if m is None:
+            return None
+        kind: Literal["parquet", "sent"] = "sent" if m[3] == "sent" else "parquet"
+        return cls(int(m[1]), m[2], kind)
+
+    @property
+    def name(self) -> str:
+        return f"seg-{self.k:08d}" + (f".{self.run}" if self.run else "") + f".{self.kind}"
+
+    @staticmethod
+    def partials_of(k: int) -> str:
+        """The glob of segment ``k``'s partial files."""
+        return f"seg-{k:08d}.*.parquet"
+
+
+_SEGMENT_NAME = re.compile(r"seg-(\d{8,})(?:\.([A-Za-z0-9_-]+))?\.(parquet|sent)")
+# Every file of the three folders; SegmentFile.parse tells which belongs to which segment.
+_ANY_SEGMENT = "seg-*"
 
 
 def fsync_dir(path: Path) -> None:
@@ -281,7 +331,7 @@ class RunState:
 
     def partial_rows(self) -> int:
         total = 0
-        for f in self.partial_dir.glob("seg-*.parquet"):
+        for f, _ in self._files(self.partial_dir):
             try:
                 total += pq.read_metadata(f).num_rows
             except (OSError, pa.ArrowException):
@@ -344,12 +394,23 @@ class RunState:
         for k in self.partial_segments():
             if self.segment_path(k).exists():
                 self.drop_partials(k)
-        for f in self.journal_dir.glob("seg-*.sent"):
-            if self.segments_dir.joinpath(f.name.replace(".sent", ".parquet")).exists():
+        for f, name in self._files(self.journal_dir):
+            if self.segment_path(name.k).exists():
                 f.unlink(missing_ok=True)
 
     def has_progress(self) -> bool:
-        return any(self.segments_dir.glob("seg-*.parquet")) or any(self.partial_dir.glob("seg-*.parquet"))
+        return any(self._files(self.segments_dir)) or any(self._files(self.partial_dir))
+
+    def result_files(self) -> list[Path]:
+        """Every file holding results: committed segments, then partials, each in name order."""
+        return [f for folder in (self.segments_dir, self.partial_dir) for f, _ in sorted(self._files(folder))]
+
+    def _files(self, folder: Path) -> Iterator[tuple[Path, SegmentFile]]:
+        """The segment files of one of the run directory's folders, each with its parsed name."""
+        for f in folder.glob(_ANY_SEGMENT):
+            name = SegmentFile.parse(f.name)
+            if name is not None:
+                yield f, name
 
     # -- plan -----------------------------------------------------------------------------------
     def read_plan(self) -> dict[str, Any] | None:
@@ -360,7 +421,7 @@ class RunState:
 
     # -- segments -------------------------------------------------------------------------------
     def segment_path(self, k: int) -> Path:
-        return self.segments_dir / f"seg-{k:08d}.parquet"
+        return self.segments_dir / SegmentFile(k).name
 
     def scan_segments(
         self, expected_rows: dict[int, int] | None = None, *, remove_damaged: bool = True
@@ -368,9 +429,9 @@ class RunState:
         """Committed segments by index, from their footers; unreadable or wrong-sized ones are
         removed so their rows are redone rather than trusted."""
         out: dict[int, SegmentInfo] = {}
-        for f in self.segments_dir.glob("seg-*.parquet"):
+        for f, name in self._files(self.segments_dir):
+            k = name.k
             try:
-                k = int(f.name[4:12])
                 meta = pq.read_metadata(f)
                 kv = meta.metadata or {}
                 info = SegmentInfo(
@@ -412,22 +473,16 @@ class RunState:
 
     # -- partials -------------------------------------------------------------------------------
     def write_partial(self, k: int, run_id: str, table: pa.Table) -> None:
-        with atomic_path(self.partial_dir / f"seg-{k:08d}.{run_id}.parquet", "partial") as tmp:
+        with atomic_path(self.partial_dir / SegmentFile(k, run_id).name, "partial") as tmp:
             write_checked(table, tmp)
 
     def partial_segments(self) -> set[int]:
-        out = set()
-        for f in self.partial_dir.glob("seg-*.parquet"):
-            try:
-                out.add(int(f.name[4:12]))
-            except ValueError:
-                continue
-        return out
+        return {name.k for _, name in self._files(self.partial_dir)}
 
     def read_partials(self, k: int) -> pa.Table | None:
         """Every row resolved in ``k``'s partial files, one result per row; damaged files dropped."""
         tables = []
-        for f in sorted(self.partial_dir.glob(f"seg-{k:08d}.*.parquet")):
+        for f in sorted(self.partial_dir.glob(SegmentFile.partials_of(k))):
             try:
                 tables.append(read_checked(f))
             except (OSError, pa.ArrowException):
@@ -437,7 +492,7 @@ class RunState:
         return pa.concat_tables(tables)
 
     def drop_partials(self, k: int) -> None:
-        for f in self.partial_dir.glob(f"seg-{k:08d}.*.parquet"):
+        for f in self.partial_dir.glob(SegmentFile.partials_of(k)):
             f.unlink(missing_ok=True)
 
     # -- journal of rows sent ------------------------------------------------------------------
@@ -445,7 +500,7 @@ class RunState:
     # run after a crash can count the prompts it sends a second time. Appends are not fsynced;
     # a power loss can only make that count low.
     def _journal_path(self, k: int) -> Path:
-        return self.journal_dir / f"seg-{k:08d}.sent"
+        return self.journal_dir / SegmentFile(k, kind="sent").name
 
     def journal_sent(self, k: int, rows: list[int]) -> None:
         """Append one batch's rows to segment ``k``'s journal (one write on a kept descriptor:

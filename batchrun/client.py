@@ -23,15 +23,18 @@ DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
 _STREAM_BODY_BYTES = 1 << 20
 # Statuses worth retrying; other 4xx mean the request itself is refused.
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
+# The class of a row the endpoint refused alone (a 4xx for that one prompt).
+REJECTED = "rejected"
 
 
 class RowOutcome(NamedTuple):
     """What became of one prompt of a batch after all its attempts (one per row: kept cheap)."""
 
     answer: Answer | None
-    error: str | None
+    error: str | None  # "<class>: <reason>", as stored on the row
     attempts: int
     latency_s: float | None
+    error_class: str | None = None  # the class of ``error``, carried as data (never parsed back)
 
 
 @dataclass
@@ -217,7 +220,7 @@ class EndpointClient:
             except _Rejected as exc:
                 if len(pending) == 1:
                     outcomes[pending[0]] = RowOutcome(
-                        None, f"rejected: HTTP {exc.status}: {exc.reason}", attempts[pending[0]], None
+                        None, f"{REJECTED}: HTTP {exc.status}: {exc.reason}", attempts[pending[0]], None, REJECTED
                     )
                     return
                 # One refused prompt must not sink its neighbours: halve until it stands alone.
@@ -246,7 +249,8 @@ class EndpointClient:
         self.verdict.give_up(failure.cause, failure.reason, failure.connect)
         for i in pending:
             outcomes[i] = RowOutcome(
-                None, f"{failure.cause}: {failure.reason} (gave up after {attempts[i]} attempts)", attempts[i], None
+                None, f"{failure.cause}: {failure.reason} (gave up after {attempts[i]} attempts)", attempts[i], None,
+                failure.cause,
             )
 
     def _snippet(self, raw: bytes) -> str:

@@ -9,7 +9,9 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -18,11 +20,10 @@ import pyarrow as pa
 from . import source
 from .checkpoint import EMPTY_PROMPT, RESULT_SCHEMA, RunState, SegmentInfo, crashpoint
 from .client import Accounting, EndpointClient, RowOutcome, Throttle, make_session
-from .config import BUILTIN, JobSpec
+from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
 from .protocol import Answer
 from .retry import RetryPolicy
-from .sink import params_types
 
 log = logging.getLogger("batchrun")
 
@@ -100,7 +101,7 @@ class Segment:
         self.skipped = 0
         for i, why in enumerate(prompts.reason):
             if why is not None:
-                self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None)
+                self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None, EMPTY_PROMPT)
                 self.skipped += 1
         self.outstanding = 0
         self.dirty = False  # results not yet in a partial file
@@ -156,6 +157,7 @@ class Engine:
         api_key: str | None,
         on_progress: Callable[[Progress], None] | None,
         started: float,
+        endpoint: AbstractAsyncContextManager[str],
     ):
         self.spec = spec
         self.state = state
@@ -164,6 +166,7 @@ class Engine:
         self.todo = set(todo)
         self.api_key = api_key
         self.on_progress = on_progress
+        self.endpoint = endpoint  # yields the URL to send to for the length of the run
         self.started = started
         self.seg_rows = int(plan["segment_rows"])
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -202,42 +205,31 @@ class Engine:
         self.stop.set()
 
     async def _run(self) -> None:
-        server_runner = None
-        url = self.spec.api_base
-        try:
-            if url == BUILTIN:
-                from . import server
-
-                server_runner, url, _ = await server.start_server("127.0.0.1", 0)
-                log.info("started the builtin reference endpoint at %s", url)
-            async with make_session(self.spec.run.concurrency, self.spec.timeout_s) as session:
-                run = self.spec.run
-                client = EndpointClient(
-                    session,
-                    url,
-                    self.spec.model_name,
-                    self.spec.params,
-                    RetryPolicy(
-                        max_retries=run.max_retries,
-                        base_s=run.retry_backoff_s,
-                        cap_s=run.retry_backoff_max_s,
-                        retry_after_cap_s=run.retry_after_max_s,
-                        outage_after=run.outage_after_failures,
-                    ),
-                    api_key=self.api_key,
-                    throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
-                    accounting=self.accounting,
-                    max_response_bytes=self.spec.max_response_bytes,
-                    echo_match=self.spec.echo_match,
-                    stop=self.stop,
-                )
-                try:
-                    await self._pipeline(client)
-                finally:
-                    client.retry_log.flush()
-        finally:
-            if server_runner is not None:
-                await server_runner.cleanup()
+        async with self.endpoint as url, make_session(self.spec.run.concurrency, self.spec.timeout_s) as session:
+            run = self.spec.run
+            client = EndpointClient(
+                session,
+                url,
+                self.spec.model_name,
+                self.spec.params,
+                RetryPolicy(
+                    max_retries=run.max_retries,
+                    base_s=run.retry_backoff_s,
+                    cap_s=run.retry_backoff_max_s,
+                    retry_after_cap_s=run.retry_after_max_s,
+                    outage_after=run.outage_after_failures,
+                ),
+                api_key=self.api_key,
+                throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
+                accounting=self.accounting,
+                max_response_bytes=self.spec.max_response_bytes,
+                echo_match=self.spec.echo_match,
+                stop=self.stop,
+            )
+            try:
+                await self._pipeline(client)
+            finally:
+                client.retry_log.flush()
 
     async def _pipeline(self, client: EndpointClient) -> None:
         queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=self.spec.run.concurrency)
@@ -368,7 +360,12 @@ class Engine:
             # A committed segment is final: a row in it without an outcome would be lost.
             raise RuntimeError(f"segment {seg.k} has unresolved rows; it must not be committed")
         table = seg.to_table()
-        info = segment_info(table)
+        failed: Counter[str] = Counter()
+        for o in seg.outcomes:
+            if o is not None and o.error is not None:
+                assert o.error_class is not None, o.error  # every failed outcome is made with its class
+                failed[o.error_class] += 1
+        info = SegmentInfo.of(table, dict(failed))
         async with self.write_lock:
             await asyncio.to_thread(self.state.commit_segment, seg.k, table, info)
         self.open.pop(seg.k, None)
@@ -433,18 +430,3 @@ def _next_wanted(segments: Any, wanted: set[int]) -> tuple[int, pa.Table] | None
         if k in wanted:
             return k, table
     return None
-
-
-def segment_info(table: pa.Table) -> SegmentInfo:
-    by_class: dict[str, int] = {}
-    for e in table.column("error").drop_null().to_pylist():
-        cls = e.split(":", 1)[0]
-        by_class[cls] = by_class.get(cls, 0) + 1
-    failed = sum(by_class.values())
-    return SegmentInfo(
-        rows=table.num_rows,
-        failed=failed,
-        retryable=failed - by_class.get(EMPTY_PROMPT, 0),
-        params_types=params_types(table.column("params").unique().to_pylist()),
-        failed_by_class=by_class,
-    )

@@ -117,7 +117,7 @@ def _write_incoming(spec: JobSpec, path: Path) -> int:
 
 
 def _previous_files(state: RunState) -> list[Path]:
-    files = sorted(state.segments_dir.glob("seg-*.parquet")) + sorted(state.partial_dir.glob("seg-*.parquet"))
+    files = state.result_files()
     if state.carry_path.exists():
         files.append(state.carry_path)
     return files

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from .checkpoint import (
     read_json,
     write_json_atomic,
 )
-from .config import JobSpec, load_job
+from .config import BUILTIN, JobSpec, load_job
 from .engine import Engine, Progress, StopSignals
 from .errors import (
     AuthError,
@@ -47,7 +47,7 @@ from .preflight import (
     check_saved_progress,
     read_api_key,
 )
-from .sink import merge_kind, output_identity, write_output
+from .sink import output_identity, write_output
 
 log = logging.getLogger("batchrun")
 
@@ -248,6 +248,15 @@ def _refuse_running_loop(name: str) -> None:
     )
 
 
+def _endpoint(spec: JobSpec) -> AbstractAsyncContextManager[str]:
+    """Where a run sends its requests: the job's URL, or the reference endpoint started for it."""
+    if spec.api_base == BUILTIN:
+        from .server import builtin_endpoint  # aiohttp's server side, only when asked for
+
+        return builtin_endpoint()
+    return nullcontext(spec.api_base)
+
+
 def _with_overwrite(spec: JobSpec, overwrite: bool) -> JobSpec:
     return spec.model_copy(update={"overwrite_output": True}) if overwrite else spec
 
@@ -363,7 +372,7 @@ def _run_locked(
         if todo:
             state.clear_finished()
             _success_path(spec).unlink(missing_ok=True)
-            engine = Engine(spec, state, plan, infos, todo, api_key, on_progress, started)
+            engine = Engine(spec, state, plan, infos, todo, api_key, on_progress, started, _endpoint(spec))
             try:
                 _run_engine(engine, signals)
             finally:
@@ -400,14 +409,11 @@ def _run_locked(
 
 def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSummary, sizes: dict[int, int]) -> None:
     """Write the output from the committed segments; then the finish marker and success marker."""
-    types: dict[str, str] = {}
-    for info in state.scan_segments(sizes).values():
-        for key, kind in info.params_types.items():
-            types[key] = merge_kind(types.get(key), kind)
+    infos = state.scan_segments(sizes)
     check_output_owned(spec, state)  # a file may have appeared there meanwhile
     release_free_memory()
     writing = time.monotonic()
-    stats = write_output(spec, state, plan, types)
+    stats = write_output(spec, state, plan, infos)
     summary.write_output_s = time.monotonic() - writing
     state.drop_carry()
     counts = {

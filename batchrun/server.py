@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import signal
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,6 +221,18 @@ def make_app(options: ServerOptions | None = None) -> web.Application:
     # Any path: LiteLLM posts to api_base exactly as given, whatever path the user wrote.
     app.router.add_post("/{tail:.*}", _infer)
     return app
+
+
+@asynccontextmanager
+async def builtin_endpoint() -> AsyncIterator[str]:
+    """The reference endpoint on a free loopback port for the length of one run
+    (``api_base = "builtin"``); yields its URL."""
+    runner, url, _ = await start_server("127.0.0.1", 0)
+    logging.getLogger("batchrun").info("started the builtin reference endpoint at %s", url)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
 
 
 async def start_server(

@@ -14,7 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import source
-from .checkpoint import EMPTY_PROMPT, RunState, atomic_path
+from .checkpoint import EMPTY_PROMPT, RunState, SegmentInfo, atomic_path
+from .echoed import merge_kind
 from .errors import StateError
 
 if TYPE_CHECKING:
@@ -39,42 +40,6 @@ class OutputStats:
     @property
     def failed(self) -> int:
         return sum(self.failed_by_class.values())
-
-
-def params_types(json_values: list[str | None]) -> dict[str, str]:
-    """The type of each key across echoed params: bool, int, float, str, or json for anything else."""
-    types: dict[str, str] = {}
-    for raw in json_values:
-        if raw is None:
-            continue
-        for key, value in json.loads(raw).items():
-            kind = _kind(value)
-            types[key] = merge_kind(types.get(key), kind)
-    return types
-
-
-def merge_kind(a: str | None, b: str) -> str:
-    if a is None or a == b or b == "null":
-        return a or b
-    if a == "null":
-        return b
-    if {a, b} == {"int", "float"}:
-        return "float"
-    return "json"
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    return "json"
 
 
 def params_struct(types: dict[str, str]) -> pa.DataType:
@@ -106,13 +71,20 @@ def _typed_params(column: pa.ChunkedArray, struct: pa.StructType) -> pa.Array:
     return table.take(pc.index_in(column, value_set=uniques))
 
 
-def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: dict[str, str]) -> OutputStats:
+def write_output(
+    spec: JobSpec, state: RunState, plan: dict[str, Any], infos: dict[int, SegmentInfo]
+) -> OutputStats:
     """Join the input with the committed segments, segment by segment, into ``spec.output_path``.
 
     Each result's row number, prompt hash and id are checked against the input row it is joined
-    to, so an output can never be written onto a row it was not answered for.
+    to, so an output can never be written onto a row it was not answered for. The counts come
+    from the segments' footers (``infos``), which were written with their rows.
     """
     seg_rows = int(plan["segment_rows"])
+    types: dict[str, str] = {}
+    for info in infos.values():
+        for key, kind in info.params_types.items():
+            types[key] = merge_kind(types.get(key), kind)
     struct = params_struct(types)
     stats = OutputStats()
     spec.output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +108,10 @@ def write_output(spec: JobSpec, state: RunState, plan: dict[str, Any], types: di
                     writer = _GroupedWriter(tmp, out.schema, _statistics_columns(out.schema, spec.id_column))
                 writer.write(out)
                 stats.rows += out.num_rows
-                for e in errors.drop_null().to_pylist():
-                    cls = e.split(":", 1)[0]
-                    if cls == EMPTY_PROMPT:
-                        stats.skipped += 1
-                    else:
-                        stats.failed_by_class[cls] += 1
+                stats.skipped += infos[k].skipped
+                stats.failed_by_class.update(
+                    {cls: n for cls, n in infos[k].failed_by_class.items() if cls != EMPTY_PROMPT}
+                )
             if writer is None:
                 raise StateError("the input has no rows; nothing to write")
             writer.flush()

@@ -241,7 +241,7 @@ def install_split() -> None:
     and Arrow's own thread pool.
     """
     from batchrun import client, engine, runner
-    from batchrun.checkpoint import RunState
+    from batchrun.checkpoint import RunState, SegmentInfo
 
     engine._next_wanted = _timed("read input (segments)", engine._next_wanted)
     runner._plan = _timed("plan (count rows, ids, fingerprint)", runner._plan)
@@ -249,7 +249,7 @@ def install_split() -> None:
     client.build_request = _timed("json: build request", client.build_request)
     client.match_response = _timed("json: parse + match response", client.match_response)
     engine.Segment.to_table = _timed("checkpoint: results to Arrow", engine.Segment.to_table)
-    engine.segment_info = _timed("checkpoint: results to Arrow", engine.segment_info)
+    SegmentInfo.of = classmethod(_timed("checkpoint: results to Arrow", SegmentInfo.of.__func__))
     RunState.commit_segment = _timed("checkpoint: write segment", RunState.commit_segment)
     RunState.write_partial = _timed("checkpoint: write partial", RunState.write_partial)
     RunState.journal_sent = _timed("checkpoint: journal", RunState.journal_sent)
