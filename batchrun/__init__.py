@@ -16,10 +16,10 @@ _EXPORTS = {
     "JobSpec": "config",
     "load_job": "config",
     "Progress": "engine",
-    "RunSummary": "runner",
-    "Shard": "runner",
+    "RunSummary": "report",
+    "Shard": "report",
     "arun_job": "runner",
-    "job_status": "runner",
+    "job_status": "report",
     "merge_job": "runner",
     "run_job": "runner",
 }
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from .config import JobSpec, load_job
     from .engine import Progress
     from .errors import BatchrunError, BusyError, EndpointError, InterruptedRun, JobError, StorageError
-    from .runner import RunSummary, Shard, arun_job, job_status, merge_job, run_job
+    from .report import RunSummary, Shard, job_status
+    from .runner import arun_job, merge_job, run_job
 
 
 def __getattr__(name: str) -> Any:

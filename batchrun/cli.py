@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
     from .engine import Progress
-    from .runner import RunSummary
+    from .report import RunSummary
 
 from .errors import BatchrunError, JobError
 from .memory import use_lean_memory_pool
@@ -182,7 +182,7 @@ def merge(job: Path, overwrite: bool, debug: bool) -> None:
 def status(job: Path, as_json: bool, debug: bool) -> None:
     """Show JOB's progress and its last run, from the files on disk; sends nothing."""
     _setup_logging(False, debug)
-    from .runner import job_status
+    from .report import job_status
 
     info = _boundary(debug, job_status, job)
     if as_json:

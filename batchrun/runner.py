@@ -1,36 +1,30 @@
-"""The run: plan, resume, shards, the finish, and the summary a scheduler reads."""
+"""The run: plan, resume, shards and the finish (what it reports lives in ``report``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import fingerprint as fingerprints
 from . import source
 from .checkpoint import (
-    EMPTY_PROMPT,
     DamagedStateError,
     RunState,
     SegmentInfo,
     crashpoint,
-    read_json,
     write_json_atomic,
 )
 from .config import BUILTIN, JobSpec, load_job
 from .engine import Engine, Progress, StopSignals
 from .errors import (
-    AuthError,
     BatchrunError,
     BusyError,
-    EndpointError,
     InterruptedRun,
     JobError,
     NotReadyError,
@@ -47,120 +41,23 @@ from .preflight import (
     check_saved_progress,
     read_api_key,
 )
+from .report import (
+    RunSummary,
+    Shard,
+    counts_of,
+    failure_status,
+    now,
+    saved_counts,
+    segment_sizes,
+    set_counts,
+    success_path,
+    summary_path,
+)
 from .sink import output_identity, write_output
 
 log = logging.getLogger("batchrun")
 
-__all__ = ["Progress", "RunSummary", "Shard", "arun_job", "job_status", "merge_job", "run_job"]
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard ``index`` of ``count`` (1-based): the segments ``k`` with ``k % count == index - 1``."""
-
-    index: int
-    count: int
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        try:
-            index, count = (int(x) for x in text.split("/"))
-        except ValueError:
-            raise JobError(f"--shard must look like 2/8 (got {text!r})") from None
-        if not 1 <= index <= count:
-            raise JobError(f"--shard {text}: the index must be between 1 and {max(count, 1)}")
-        return cls(index, count)
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-    @property
-    def slug(self) -> str:
-        return f"shard-{self.index}-of-{self.count}"
-
-    def owns(self, k: int) -> bool:
-        return k % self.count == self.index - 1
-
-
-@dataclass
-class RunSummary:
-    """What a run did; ``exit_code`` is what the CLI exits with."""
-
-    job: str
-    status: str
-    exit_code: int
-    total_rows: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    failed_by_class: dict[str, int] = field(default_factory=dict)
-    skipped: int = 0  # rows whose prompt is empty: not sent, not failed
-    rows_answered_this_run: int = 0
-    rows_reused: int = 0
-    requests: int = 0
-    prompts_sent: int = 0
-    prompts_resent: int = 0
-    retries_by_cause: dict[str, int] = field(default_factory=dict)
-    throttle_wait_s: float = 0.0
-    incremental: dict[str, int] = field(default_factory=dict)
-    duration_s: float = 0.0
-    write_output_s: float = 0.0
-    rows_per_s: float = 0.0
-    started_at: str = ""
-    finished_at: str = ""
-    shard: str = ""
-    output_path: str = ""
-    message: str = ""
-    echo_match: str = "exact"
-
-    def line(self) -> str:
-        """The one summary line printed at the end of a run."""
-        return self._line() + _ECHO_NOTES.get(self.echo_match, "")
-
-    def _line(self) -> str:
-        if self.status == "nothing_to_do":
-            return f"batchrun: nothing to do: all {self.total_rows} rows are done ({self.output_path})"
-        if self.status == "shard_complete":
-            return (
-                f"batchrun: shard {self.shard} complete: {self.succeeded} rows succeeded"
-                + (f", {self.failed} failed" if self.failed else "")
-                + f"; this run answered {self.rows_answered_this_run} rows in {self.requests} requests; "
-                + self.message
-            )
-        changed = (
-            "input changed: {reused} rows reused, {changed} changed, {new} new; ".format(**self.incremental)
-            if self.incremental
-            else ""
-        )
-        failed = (
-            f", {self.failed} failed ({', '.join(f'{k} {v}' for k, v in sorted(self.failed_by_class.items()))})"
-            if self.failed
-            else ""
-        ) + (f", {self.skipped} skipped (empty prompt)" if self.skipped else "")
-        retries = sum(self.retries_by_cause.values())
-        causes = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_cause.items()))
-        throttled = f", {self.throttle_wait_s:.1f}s throttled" if self.throttle_wait_s >= 0.05 else ""
-        # A run that stopped early wrote no output: say where it stands instead.
-        end = (
-            f"output: {self.output_path}"
-            if self.exit_code in (0, 3)
-            else f"stopped (exit {self.exit_code}), progress kept: run the same command to resume"
-        )
-        return (
-            f"batchrun: {self.status}: {self.succeeded}/{self.total_rows} rows succeeded{failed}; "
-            f"{changed}this run answered {self.rows_answered_this_run} rows in {self.requests} requests "
-            f"({retries} retries{': ' + causes if causes else ''}, {self.prompts_resent} prompts "
-            f"resent{throttled}) in {self.duration_s:.1f}s; {end}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# Every summary of a run whose answers were not matched by their exact echo says so.
-_ECHO_NOTES = {
-    "trimmed": '; echoes compared without surrounding whitespace (echo_match = "trimmed")',
-    "position": '; outputs matched by position (echo_match = "position"): echoes not checked',
-}
+__all__ = ["arun_job", "merge_job", "run_job"]
 
 
 def run_job(
@@ -193,7 +90,7 @@ def run_job(
     state = RunState(spec.state_dir)
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
-        shard=str(part) if part else "", started_at=_now(), echo_match=spec.echo_match,
+        shard=str(part) if part else "", started_at=now(), echo_match=spec.echo_match,
     )
     started = time.monotonic()
     try:
@@ -206,10 +103,10 @@ def run_job(
     except BatchrunError as exc:
         # A scheduler reading the summary of a run that stopped early sees the job's counts as
         # `status` reports them, as it does after a complete run.
-        total, counts = _saved_counts(state, part)
+        total, counts = saved_counts(state, part)
         summary.total_rows = summary.total_rows or total
-        _set_counts(summary, counts)
-        summary.status = _failure_status(exc)
+        set_counts(summary, counts)
+        summary.status = failure_status(exc)
         summary.exit_code = exc.exit_code
         summary.message = str(exc)
         _close_summary(summary, started, spec, part)
@@ -268,17 +165,6 @@ def _run_engine(engine: Engine, signals: StopSignals | None) -> None:
         raise InterruptedRun(signals.fired)
 
 
-def _saved_counts(state: RunState, part: Shard | None) -> tuple[int, dict[str, Any]]:
-    """The job's rows and its (or the shard's) counts from the committed segments, read without
-    changing anything."""
-    plan = state.read_plan()
-    if plan is None:
-        return 0, _counts({})
-    sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
-    infos = state.scan_segments(sizes, remove_damaged=False)
-    return plan["rows"], _counts({k: i for k, i in infos.items() if part is None or part.owns(k)})
-
-
 def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSummary:
     """Write the single output from every shard's segments; refuse while a shard is unfinished."""
     spec = _with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
@@ -286,14 +172,14 @@ def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSumma
     state = RunState(spec.state_dir)
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
-        started_at=_now(), echo_match=spec.echo_match,
+        started_at=now(), echo_match=spec.echo_match,
     )
     started = time.monotonic()
     plan = state.read_plan()
     if plan is None:
         raise NotReadyError(f"nothing to merge: no shard of {spec.job_path} has run yet")
     summary.total_rows = plan["rows"]
-    sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
+    sizes = segment_sizes(plan["rows"], int(plan["segment_rows"]))
     infos = state.scan_segments(sizes)
     _refuse_unfinished(state, sizes, infos)
     with state.lock("merge.lock"):
@@ -303,43 +189,6 @@ def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSumma
             _finish(spec, state, plan, summary, sizes)
     _close_summary(summary, started, spec, None)
     return summary
-
-
-def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
-    """What a scheduler wants to know, read from the run state without touching the endpoint."""
-    spec = job if isinstance(job, JobSpec) else load_job(job)
-    state = RunState(spec.state_dir)
-    plan = state.read_plan()
-    out: dict[str, Any] = {"job": str(spec.job_path), "output": str(spec.output_path)}
-    if plan is None:
-        out.update(
-            state="not started", rows=None, done=0, succeeded=0, failed=0, failed_by_class={}, skipped=0,
-            pending=None,
-        )
-    else:
-        sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
-        infos = state.scan_segments(sizes, remove_damaged=False)
-        counts = _counts(infos)
-        done = sum(i.rows for i in infos.values())
-        finished = state.read_finished()
-        complete = done == plan["rows"] and finished is not None and finished.get("output") == output_identity(spec.output_path)
-        out.update(
-            state="complete" if complete else "in progress",
-            rows=plan["rows"],
-            done=done,
-            succeeded=counts["succeeded"],
-            failed=counts["failed"],
-            failed_by_class=counts["failed_by_class"],
-            skipped=counts["skipped"],
-            pending=plan["rows"] - done,
-            saved_in_partials=state.partial_rows(),
-        )
-    out["running"] = state.holders()
-    out["last_run"] = read_json(_summary_path(spec, None))
-    shards = sorted(spec.output_path.parent.glob(f"{spec.output_path.name}.shard-*.summary.json"))
-    out["shards"] = {p.name.split(".shard-")[1].removesuffix(".summary.json"): read_json(p) for p in shards}
-    out["success_marker"] = _success_path(spec).exists()
-    return out
 
 
 def _run_locked(
@@ -362,7 +211,7 @@ def _run_locked(
         check_output_owned(spec, state)
     summary.total_rows = plan["rows"]
     summary.incremental = plan.get("incremental", {})
-    sizes = _segment_sizes(plan["rows"], int(plan["segment_rows"]))
+    sizes = segment_sizes(plan["rows"], int(plan["segment_rows"]))
     mine = [k for k in sizes if part is None or part.owns(k)]
     # A checkpoint file found damaged while the output is written is removed and its rows
     # redone; a second pass normally suffices, a third means the disk itself is failing.
@@ -371,7 +220,7 @@ def _run_locked(
         todo = [k for k in mine if k not in infos or infos[k].retryable > 0]
         if todo:
             state.clear_finished()
-            _success_path(spec).unlink(missing_ok=True)
+            success_path(spec).unlink(missing_ok=True)
             engine = Engine(spec, state, plan, infos, todo, api_key, on_progress, started, _endpoint(spec))
             try:
                 _run_engine(engine, signals)
@@ -387,7 +236,7 @@ def _run_locked(
         if len(infos) < len(sizes):
             # This shard is done; others are not. Whoever finishes last writes the output.
             summary.status = "shard_complete"
-            _set_counts(summary, _counts({k: infos[k] for k in mine if k in infos}))
+            set_counts(summary, counts_of({k: infos[k] for k in mine if k in infos}))
             summary.message = f"{len(sizes) - len(infos)} segments of other shards are not done yet"
             return
         try:
@@ -401,7 +250,7 @@ def _run_locked(
             continue
         except BusyError:
             summary.status = "shard_complete"
-            _set_counts(summary, _counts({k: infos[k] for k in mine if k in infos}))
+            set_counts(summary, counts_of({k: infos[k] for k in mine if k in infos}))
             summary.message = "another process is writing the output"
         return
     raise StateError(f"checkpoint files in {state.root} keep reading back damaged; check the disk")
@@ -420,7 +269,7 @@ def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSu
         "succeeded": stats.succeeded, "failed": stats.failed, "failed_by_class": dict(stats.failed_by_class),
         "skipped": stats.skipped,
     }
-    _set_counts(summary, counts)
+    set_counts(summary, counts)
     summary.status = "complete" if not stats.failed else "complete_with_failed_rows"
     finished = {"output": output_identity(spec.output_path), "rows": stats.rows, **counts}
     state.write_finished(finished)
@@ -431,7 +280,7 @@ def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSu
 def _write_success(spec: JobSpec, finished: dict[str, Any]) -> None:
     counts = {k: finished.get(k, 0) for k in ("rows", "succeeded", "failed", "failed_by_class", "skipped")}
     write_json_atomic(
-        _success_path(spec), {"output": str(spec.output_path), **counts, "written_at": _now()}, "success"
+        success_path(spec), {"output": str(spec.output_path), **counts, "written_at": now()}, "success"
     )
 
 
@@ -439,9 +288,9 @@ def _already_done(spec: JobSpec, state: RunState, summary: RunSummary, infos: di
     """The output is written and current: report so, and put back a success marker a crash (or a
     hand) removed between the output's publication and the marker's."""
     summary.status = "nothing_to_do"
-    _set_counts(summary, _counts(infos))
+    set_counts(summary, counts_of(infos))
     finished = state.read_finished()
-    if finished is not None and not _success_path(spec).exists():
+    if finished is not None and not success_path(spec).exists():
         _write_success(spec, finished)
 
 
@@ -465,69 +314,17 @@ def _refuse_unfinished(state: RunState, sizes: dict[int, int], infos: dict[int, 
     raise NotReadyError(f"cannot merge yet: {len(missing)} of {len(sizes)} segments are not done")
 
 
-def _counts(infos: dict[int, SegmentInfo]) -> dict[str, Any]:
-    by_class: dict[str, int] = {}
-    for info in infos.values():
-        for cls, n in info.failed_by_class.items():
-            if cls != EMPTY_PROMPT:
-                by_class[cls] = by_class.get(cls, 0) + n
-    failed = sum(i.retryable for i in infos.values())
-    skipped = sum(i.skipped for i in infos.values())
-    return {
-        "succeeded": sum(i.rows for i in infos.values()) - failed - skipped,
-        "failed": failed,
-        "failed_by_class": dict(sorted(by_class.items())),
-        "skipped": skipped,
-    }
-
-
-def _set_counts(summary: RunSummary, counts: dict[str, Any]) -> None:
-    summary.succeeded = counts["succeeded"]
-    summary.failed = counts["failed"]
-    summary.failed_by_class = counts["failed_by_class"]
-    summary.skipped = counts["skipped"]
-    summary.exit_code = 3 if summary.failed else 0
-
-
-_FAILURE_STATUS = (
-    (InterruptedRun, "interrupted"),
-    (AuthError, "credentials_refused"),
-    (EndpointError, "endpoint_unavailable"),
-    (StorageError, "storage_error"),
-    (NotReadyError, "not_ready"),
-    (JobError, "invalid_job"),
-    (StateError, "state_mismatch"),
-)
-
-
-def _failure_status(exc: BatchrunError) -> str:
-    return next((name for cls, name in _FAILURE_STATUS if isinstance(exc, cls)), "error")
-
-
 def _close_summary(summary: RunSummary, started: float, spec: JobSpec, part: Shard | None) -> None:
     summary.duration_s = time.monotonic() - started
-    summary.finished_at = _now()
+    summary.finished_at = now()
     summary.rows_per_s = summary.rows_answered_this_run / summary.duration_s if summary.duration_s else 0.0
     summary.rows_reused = max(0, summary.succeeded - summary.rows_answered_this_run)
     try:
         spec.output_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(_summary_path(spec, part), summary.to_dict(), "summary")
+        write_json_atomic(summary_path(spec, part), summary.to_dict(), "summary")
     except (OSError, StorageError) as exc:
         # The summary is a report, not the truth: failing to write it must not mask the run's result.
         log.warning("could not write the run summary: %s", exc)
-
-
-def _summary_path(spec: JobSpec, part: Shard | None) -> Path:
-    suffix = f".{part.slug}.summary.json" if part else ".summary.json"
-    return spec.output_path.with_name(spec.output_path.name + suffix)
-
-
-def _success_path(spec: JobSpec) -> Path:
-    return spec.output_path.with_name(spec.output_path.name + ".SUCCESS")
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _account(summary: RunSummary, engine: Engine) -> None:
@@ -539,11 +336,6 @@ def _account(summary: RunSummary, engine: Engine) -> None:
         summary.retries_by_cause[cause] = summary.retries_by_cause.get(cause, 0) + n
     summary.throttle_wait_s += acc.throttle_wait_s
     summary.rows_answered_this_run += engine.answered
-
-
-def _segment_sizes(rows: int, seg_rows: int) -> dict[int, int]:
-    n = math.ceil(rows / seg_rows)
-    return {k: min(seg_rows, rows - k * seg_rows) for k in range(n)}
 
 
 def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> dict[str, Any]:
