@@ -18,15 +18,12 @@ Every result carries its row's prompt hash, checked again when the output is wri
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import re
-import signal
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +34,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .echoed import params_types
-from .errors import BusyError, StorageError
+from .errors import BusyError
+from .localfs import (
+    STORAGE_ERRNOS,
+    atomic_path,
+    crashpoint,
+    read_json,
+    storage_error,
+    write_checked,
+    write_json_atomic,
+    writer_gone,
+)
 
 # 2: the fingerprint holds each file's whole-content sha256 (1: sample_sha256, see fingerprint.py).
 PLAN_VERSION = 2
@@ -56,9 +63,6 @@ RESULT_SCHEMA = pa.schema(
 # Errors of the storage, not of batchrun: a full or read-only disk, a quota, a folder not ours.
 # The error class of a row whose prompt is empty: skipped, not sent, not failed.
 EMPTY_PROMPT = "empty_prompt"
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
-
-
 @dataclass(frozen=True)
 class SegmentInfo:
     """What a committed segment's footer says of it."""
@@ -132,119 +136,6 @@ _SEGMENT_NAME = re.compile(r"seg-(\d{8,})(?:\.([A-Za-z0-9_-]+))?\.(parquet|sent)
 _ANY_SEGMENT = "seg-*"
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def storage_error(exc: OSError, what: Path) -> StorageError:
-    reason = {
-        errno.ENOSPC: "no space left on device",
-        errno.EDQUOT: "disk quota exceeded",
-        errno.EFBIG: "file too large for this filesystem or limit",
-    }.get(exc.errno or 0)
-    if reason is not None:
-        return StorageError(f"cannot write {what}: {reason}; free space and run the same command")
-    reason = {errno.EROFS: "read-only file system"}.get(exc.errno or 0, exc.strerror or str(exc))
-    return StorageError(f"cannot write {what}: {reason}; make it writable and run the same command")
-
-
-def crashpoint(step: str) -> None:
-    """Kill this process with SIGKILL right after ``step`` when ``BATCHRUN_CRASH_AT`` names it.
-
-    The switch the crash tests use to stop the process at every step of the commit path:
-    ``BATCHRUN_CRASH_AT=segment:renamed`` dies at the first such step, ``...@3`` at the third.
-    Costs one dictionary lookup when unset.
-    """
-    wanted = os.environ.get("BATCHRUN_CRASH_AT")
-    if not wanted:
-        return
-    name, _, nth = wanted.partition("@")
-    if name != step:
-        return
-    _crash_counts[step] = _crash_counts.get(step, 0) + 1
-    if _crash_counts[step] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_crash_counts: dict[str, int] = {}
-
-
-@contextmanager
-def atomic_path(final: Path, kind: str = "file") -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success fsync it and rename it into place.
-
-    A reader sees the old file or the complete new one, never a half-written one; a crash
-    leaves only a ``.tmp-`` file, which the next run ignores and clears. ``kind`` names the
-    crash points: ``<kind>:written``, ``<kind>:fsynced``, ``<kind>:renamed``.
-    """
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        crashpoint(f"{kind}:written")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        crashpoint(f"{kind}:fsynced")
-        os.replace(tmp, final)
-        crashpoint(f"{kind}:renamed")
-        fsync_dir(final.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in _STORAGE_ERRNOS:
-            raise storage_error(exc, final) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, doc: dict[str, Any], kind: str = "json") -> None:
-    with atomic_path(path, kind) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        return doc if isinstance(doc, dict) else None
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _writer_gone(tmp: Path) -> bool:
-    """Whether the process that was writing ``tmp`` (named ``.x.tmp-PID-RAND``) has ended.
-
-    Shards of one job run side by side: one must never delete another's file mid-write.
-    """
-    try:
-        pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-    except (IndexError, ValueError):
-        return True
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def write_checked(table: pa.Table, path: Path) -> None:
-    # Page checksums let a reader tell a damaged file from a good one instead of trusting it.
-    pq.write_table(table, path, compression="zstd", write_page_checksum=True)
-
-
 def read_checked(path: Path) -> pa.Table:
     return pq.read_table(path, schema=RESULT_SCHEMA, page_checksum_verification=True)
 
@@ -278,7 +169,7 @@ class RunState:
             for d in (self.root, self.segments_dir, self.partial_dir, self.journal_dir):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            if exc.errno in _STORAGE_ERRNOS:
+            if exc.errno in STORAGE_ERRNOS:
                 raise storage_error(exc, self.root) from None
             raise
 
@@ -295,7 +186,7 @@ class RunState:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            if exc.errno in _STORAGE_ERRNOS:
+            if exc.errno in STORAGE_ERRNOS:
                 raise storage_error(exc, path) from None
             raise
         try:
@@ -389,7 +280,7 @@ class RunState:
         ):
             if d.exists():
                 for f in d.glob(pattern):
-                    if _writer_gone(f):
+                    if writer_gone(f):
                         f.unlink(missing_ok=True)
         for k in self.partial_segments():
             if self.segment_path(k).exists():
@@ -513,7 +404,7 @@ class RunState:
                 self._journal_fds[k] = fd
             os.write(fd, line)
         except OSError as exc:
-            if exc.errno in _STORAGE_ERRNOS:
+            if exc.errno in STORAGE_ERRNOS:
                 raise storage_error(exc, self._journal_path(k)) from None
             raise
 

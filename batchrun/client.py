@@ -155,6 +155,7 @@ class EndpointClient:
         *,
         echo_match: EchoMatch = "exact",
         stop: asyncio.Event | None = None,
+        answered_before: bool = False,
         retry_log: RetryLog | None = None,
     ):
         self._session = session
@@ -169,7 +170,7 @@ class EndpointClient:
         self._max_bytes = max_response_bytes
         self._echo_match = echo_match
         self._stop = stop
-        self.verdict = OutageVerdict(policy.outage_after)
+        self.verdict = OutageVerdict(policy.outage_after, answered=answered_before)
         self.retry_log = retry_log or RetryLog()
         self.accounting = accounting if accounting is not None else Accounting()
 

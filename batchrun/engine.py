@@ -18,10 +18,11 @@ from typing import Any, cast
 import pyarrow as pa
 
 from . import source
-from .checkpoint import EMPTY_PROMPT, RESULT_SCHEMA, RunState, SegmentInfo, crashpoint
+from .checkpoint import EMPTY_PROMPT, RESULT_SCHEMA, RunState, SegmentInfo
 from .client import Accounting, EndpointClient, RowOutcome, Throttle, make_session
 from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
+from .localfs import crashpoint
 from .protocol import Answer
 from .retry import RetryPolicy
 
@@ -225,6 +226,8 @@ class Engine:
                 max_response_bytes=self.spec.max_response_bytes,
                 echo_match=self.spec.echo_match,
                 stop=self.stop,
+                # Rows answered by earlier runs prove the endpoint answers this job's prompts.
+                answered_before=any(i.rows > i.failed for i in self.infos.values()),
             )
             try:
                 await self._pipeline(client)

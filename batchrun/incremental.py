@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import source
-from .checkpoint import RESULT_SCHEMA, RunState, atomic_path
+from .checkpoint import RESULT_SCHEMA, RunState
+from .localfs import atomic_path
 
 if TYPE_CHECKING:
     from .config import JobSpec

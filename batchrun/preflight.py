@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import fingerprint as fingerprints
 from . import source
-from .checkpoint import RunState, storage_error
+from .checkpoint import RunState
 from .errors import JobError, StateError, StorageError
 from .inputcheck import check_sample
+from .localfs import storage_error
 from .sink import output_identity
 
 if TYPE_CHECKING:

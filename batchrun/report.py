@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import EMPTY_PROMPT, RunState, SegmentInfo, read_json
+from .checkpoint import EMPTY_PROMPT, RunState, SegmentInfo
 from .config import JobSpec, load_job
 from .errors import (
     AuthError,
@@ -21,6 +21,7 @@ from .errors import (
     StateError,
     StorageError,
 )
+from .localfs import read_json
 from .sink import output_identity
 
 __all__ = ["RunSummary", "Shard", "job_status"]

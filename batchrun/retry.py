@@ -61,16 +61,19 @@ class OutageVerdict:
 
     An attempt that yields no valid answer (a 5xx, a timeout, a refused connection, an answer of
     which nothing validates) counts; one valid answer resets the count. ``outage_after`` in a row
-    is an outage. A batch out of attempts is one too when the endpoint has not answered once in
-    this run, or when its last attempt could not connect at all: rows end failed only for causes
-    that can be theirs, once the endpoint has shown it answers others.
+    is an outage. A batch out of attempts is one too when the endpoint has never answered this
+    job (``answered``: not in this run, nor in the progress saved before it), or when its last
+    attempt could not connect at all: rows end failed only for causes that can be theirs, once the
+    endpoint has shown it answers others. (A rerun of rows that failed before, against an endpoint
+    that keeps failing them, marks them failed again, exit 3, rather than calling an outage on
+    every run.)
     """
 
-    def __init__(self, outage_after: int):
+    def __init__(self, outage_after: int, *, answered: bool = False):
         self.outage_after = outage_after
         self.in_a_row = 0
         self.invalid_in_a_row = 0
-        self.answered = False
+        self.answered = answered
 
     def answer(self) -> None:
         """An attempt gave at least one valid answer."""
@@ -102,11 +105,12 @@ class OutageVerdict:
         if cause == INVALID and self.invalid_in_a_row == self.in_a_row:
             raise OutageError(
                 f"the endpoint's answers failed validation {self.in_a_row} attempts in a row and none "
-                f"has validated in this run (last: {_answer_problem(reason)}); {_WHEN_FIXED}"
+                f"has validated for this job (last: {_answer_problem(reason)}); {_WHEN_FIXED}"
             )
+        # 429s pause rather than count, so a run shed by an overloaded endpoint may count none.
+        failed = f"failed {self.in_a_row} attempts in a row and " if self.in_a_row else ""
         raise OutageError(
-            f"the endpoint failed {self.in_a_row} attempts in a row and has not answered once in this "
-            f"run (last: {cause}: {reason}); {_WHEN_BACK}"
+            f"the endpoint {failed}has not answered this job once (last: {cause}: {reason}); {_WHEN_BACK}"
         )
 
 

@@ -13,13 +13,7 @@ from typing import Any
 
 from . import fingerprint as fingerprints
 from . import source
-from .checkpoint import (
-    DamagedStateError,
-    RunState,
-    SegmentInfo,
-    crashpoint,
-    write_json_atomic,
-)
+from .checkpoint import DamagedStateError, RunState, SegmentInfo
 from .config import BUILTIN, JobSpec, load_job
 from .engine import Engine, Progress, StopSignals
 from .errors import (
@@ -33,6 +27,7 @@ from .errors import (
 )
 from .incremental import carry_forward
 from .inputcheck import check_sample
+from .localfs import crashpoint, write_json_atomic
 from .memory import release_free_memory
 from .preflight import (
     check_output_owned,

@@ -14,9 +14,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import source
-from .checkpoint import EMPTY_PROMPT, RunState, SegmentInfo, atomic_path
+from .checkpoint import EMPTY_PROMPT, RunState, SegmentInfo
 from .echoed import merge_kind
 from .errors import StateError
+from .localfs import atomic_path
 
 if TYPE_CHECKING:
     from .config import JobSpec

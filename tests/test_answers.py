@@ -123,7 +123,7 @@ def test_a_job_too_small_to_reach_the_outage_threshold_still_stops_with_exit_4_w
     assert result.returncode == 4, result.stderr
     assert re.fullmatch(
         r"batchrun: error: the endpoint's answers failed validation (6|7|8|9|10|11|12) attempts in a row and "
-        r"none has validated in this run \(last: (16|4) items: output is an empty list \(first: item 0\)\); "
+        r"none has validated for this job \(last: (16|4) items: output is an empty list \(first: item 0\)\); "
         r"stopped early with progress kept: .*",
         error_line(result.stderr),
     ), result.stderr
@@ -206,7 +206,7 @@ def test_echoes_trimmed_by_the_endpoint_are_named_as_such_and_echo_match_trimmed
         # 12 batches of 4, two at a time: a batch may run out of its 6 attempts before 20 in a row.
         assert re.match(
             r"batchrun: error: the endpoint's answers failed validation \d+ attempts in a row"
-            r"( and none has validated in this run)? \(last: echoed prompts differ from those sent only in "
+            r"( and none has validated for this job)? \(last: echoed prompts differ from those sent only in "
             r'surrounding whitespace or newlines; set endpoint.echo_match = "trimmed"; ',
             error_line(refused.stderr),
         ), refused.stderr

@@ -419,9 +419,9 @@ def test_rows_that_failed_in_the_run_up_to_an_outage_are_retried_when_the_endpoi
 DEAD = {
     "refused": r"cannot connect to the endpoint \(ClientConnectorError: Cannot connect to host 127\.0\.0\.1:\d+ .*\); "
                r"stopped early with progress kept: run the same command when the endpoint is back",
-    "503": r"the endpoint failed (6|7|8|9|10|11|12) attempts in a row and has not answered once in this run "
+    "503": r"the endpoint failed (6|7|8|9|10|11|12) attempts in a row and has not answered this job once "
            r'\(last: http_503: HTTP 503: \{"message": "injected HTTP 503", "data": \[\]\}\); stopped early with progress kept: .*',
-    "hang": r"the endpoint failed (6|7|8|9|10|11|12) attempts in a row and has not answered once in this run "
+    "hang": r"the endpoint failed (6|7|8|9|10|11|12) attempts in a row and has not answered this job once "
             r"\(last: timeout: no complete answer within endpoint\.timeout_s\); stopped early with progress kept: .*",
 }
 

@@ -114,6 +114,13 @@ def run_first(changed: dict[str, Any]) -> Callable[[Path, str], list[Any]]:
     return setup
 
 
+def run_once_already(folder: Path, url: str) -> list[Any]:
+    """A job that has run once against the same endpoint (which answered some rows)."""
+    job = job_csv()(folder, url)[0]
+    assert run_job(job).exit_code == 3
+    return [job]
+
+
 def locked(folder: Path, url: str) -> list[Any]:
     job = job_csv()(folder, url)[0]
     spec = load_job(job)
@@ -260,6 +267,9 @@ CASES = [
     Case("a prompt the endpoint refuses alone fails alone", job_csv(), 3,
          r"batchrun: complete_with_failed_rows: 9/10 rows succeeded, 1 failed \(rejected 1\); ",
          rule=lambda n, p: "400" if "Prompt number 3: say something" in p else None),
+    Case("a rerun of rows the endpoint keeps failing with 500 while it answers others: failed again, not an outage",
+         run_once_already, 3, r"batchrun: complete_with_failed_rows: 6/10 rows succeeded, 4 failed \(http_500 4\); ",
+         rule=lambda n, p: "500" if "Prompt number 5: say something" in p else None, sends=True),
     Case("a refused key", job_csv(), 4, E + r"the endpoint refused the credentials \(HTTP 401\)",
          rule=lambda n, p: "401"),
     Case("a redirecting endpoint", job_csv(), 4, E + r"the endpoint redirected \(HTTP 307\)",
@@ -294,7 +304,7 @@ CASES = [
     # endpoints that can never answer usefully: an outage, not failed rows
     Case("a closed port", closed_port, 4, E + r"cannot connect to the endpoint \(ClientConnectorError: ",
          mid_run=True),
-    Case("503 to everything, a small job", job_csv(), 4, E + r"the endpoint failed \d+ attempts in a row and has not answered once in this run \(last: http_503",
+    Case("503 to everything, a small job", job_csv(), 4, E + r"the endpoint failed \d+ attempts in a row and has not answered this job once \(last: http_503",
          rule=lambda n, p: "503", mid_run=True),
     Case("echoes that never match", job_csv(), 4, E + r"the endpoint's answers failed validation \d+ attempts in a row",
          rule=lambda n, p: "echo_none", mid_run=True),
