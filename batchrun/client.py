@@ -14,7 +14,7 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 
 from .errors import AuthError, EndpointError
-from .protocol import Answer, EchoMatch, Matched, ResponseError, build_request, match_response
+from .protocol import Answer, Codec, Matched, ResponseError
 from .retry import INVALID, OutageVerdict, RetryLog, RetryPolicy, parse_retry_after
 
 # A hostile or broken endpoint must not exhaust memory: larger responses are refused.
@@ -145,30 +145,26 @@ class EndpointClient:
         self,
         session: aiohttp.ClientSession,
         url: str,
-        model: str,
-        params: dict[str, Any],
+        codec: Codec,
         policy: RetryPolicy,
         api_key: str | None = None,
         throttle: Throttle | None = None,
         accounting: Accounting | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         *,
-        echo_match: EchoMatch = "exact",
         stop: asyncio.Event | None = None,
         answered_before: bool = False,
         retry_log: RetryLog | None = None,
     ):
         self._session = session
         self._url = url
-        self._model = model
-        self._params = params
+        self._codec = codec
         self._policy = policy
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._throttle = throttle or Throttle(None, None, 1)
         self._max_bytes = max_response_bytes
-        self._echo_match = echo_match
         self._stop = stop
         self.verdict = OutageVerdict(policy.outage_after, answered=answered_before)
         self.retry_log = retry_log or RetryLog()
@@ -276,7 +272,7 @@ class EndpointClient:
         self.verdict.failure(exc.cause, exc.reason)
 
     async def _attempt(self, prompts: list[str]) -> Matched:
-        encoded = build_request(self._model, prompts, self._params)
+        encoded = self._codec.build_request(prompts)
         # aiohttp writes a large bytes body in one go; a stream goes in chunks.
         body: bytes | io.BytesIO = io.BytesIO(encoded) if len(encoded) > _STREAM_BODY_BYTES else encoded
         self.accounting.requests += 1
@@ -317,7 +313,7 @@ class EndpointClient:
         except _ResponseTooLarge as exc:
             raise _Transient("invalid_response", str(exc)) from None
         try:
-            return match_response(raw, prompts, self._echo_match)
+            return self._codec.match(raw, prompts)
         except ResponseError as exc:
             raise _Transient(INVALID, self._redact(str(exc))) from None
 

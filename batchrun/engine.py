@@ -23,7 +23,7 @@ from .client import Accounting, EndpointClient, RowOutcome, Throttle, make_sessi
 from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
 from .localfs import crashpoint
-from .protocol import Answer
+from .protocol import Answer, CustomCodec
 from .retry import RetryPolicy
 
 log = logging.getLogger("batchrun")
@@ -211,8 +211,7 @@ class Engine:
             client = EndpointClient(
                 session,
                 url,
-                self.spec.model_name,
-                self.spec.params,
+                CustomCodec(self.spec.model_name, self.spec.params, self.spec.echo_match),
                 RetryPolicy(
                     max_retries=run.max_retries,
                     base_s=run.retry_backoff_s,
@@ -224,7 +223,6 @@ class Engine:
                 throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
                 accounting=self.accounting,
                 max_response_bytes=self.spec.max_response_bytes,
-                echo_match=self.spec.echo_match,
                 stop=self.stop,
                 # Rows answered by earlier runs prove the endpoint answers this job's prompts.
                 answered_before=any(i.rows > i.failed for i in self.infos.values()),

@@ -1,4 +1,10 @@
-"""The custom-endpoint wire format as pure functions: build a request, validate and match a response."""
+"""Wire formats behind one seam, ``Codec``, and the first of them: LiteLLM's ``custom/`` format.
+
+The client sends through a ``Codec`` and knows no format; a new wire format (OpenAI completions,
+chat) is a new class with the same two methods. Both sides of the custom format live here: the
+client's (``CustomCodec``: build a request, check and match an answer) and the reference
+server's (``parse_request``, ``response_body``), so the format is written down once.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 # How an item is paired with the prompt it answers (``endpoint.echo_match``):
 # "exact": by its echoed prompt, equal to the one sent; "trimmed": by its echoed prompt after
@@ -35,6 +41,71 @@ class Matched:
 
     answers: dict[int, Answer] = field(default_factory=dict)
     problem: str | None = None
+
+
+class Codec(Protocol):
+    """A wire format, as the client uses it.
+
+    What an implementation must guarantee: ``build_request`` carries exactly the prompts given, in
+    order; ``match`` returns an answer only for a prompt the response proves it answers (never by
+    list position alone unless the user chose so), keyed by the prompt's index in ``sent``, and
+    explains in ``Matched.problem`` why any other prompt has none; it raises ``ResponseError``
+    when nothing in the body is usable. It never raises anything else for a bad body.
+    """
+
+    def build_request(self, prompts: Sequence[str]) -> bytes: ...
+
+    def match(self, body: bytes, sent: Sequence[str]) -> Matched: ...
+
+
+@dataclass(frozen=True)
+class CustomCodec:
+    """LiteLLM's ``custom/`` format: ``{"model", "params": {"prompt": [...], **params}}`` in,
+    ``{"message": "ok", "data": [{"prompt", "output": [...], "params"}]}`` out."""
+
+    model: str
+    params: dict[str, Any]
+    echo_match: EchoMatch = "exact"
+
+    def build_request(self, prompts: Sequence[str]) -> bytes:
+        return build_request(self.model, prompts, self.params)
+
+    def match(self, body: bytes, sent: Sequence[str]) -> Matched:
+        return match_response(body, sent, self.echo_match)
+
+
+def parse_request(body: bytes) -> tuple[str, list[str], dict[str, Any]]:
+    """The server's side: model, prompts and params of a request body, or ValueError saying why."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"body is not JSON ({exc.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"body must be a JSON object (got {type(doc).__name__})")
+    # Unknown top-level keys are ignored: LiteLLM >= 1.74 merges `extra_body` in beside these.
+    model, params = doc.get("model"), doc.get("params")
+    if not isinstance(model, str):
+        raise ValueError(f"model must be a string (got {type(model).__name__})")
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be an object (got {type(params).__name__})")
+    # LiteLLM's `custom` provider always sends a one-item list (litellm/main.py, `_complete_custom`
+    # in 1.106: "prompt": [" ".join(message contents)]); a bare string is accepted as one prompt.
+    prompts = params.get("prompt")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        shown = "empty list" if prompts == [] else "null" if prompts is None else type(prompts).__name__
+        raise ValueError(f"params.prompt must be a non-empty list of strings (got {shown})")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"params.prompt[{i}] must be a string (got {type(prompt).__name__})")
+    return model, prompts, params
+
+
+def response_body(items: list[dict[str, Any]], message: str = "ok") -> dict[str, Any]:
+    """The server's side: an answer (``items`` of ``prompt``, ``output``, ``params``) or, with no
+    items and another message, an error."""
+    return {"message": message, "data": items}
 
 
 def build_request(model: str, prompts: Sequence[str], params: dict[str, Any]) -> bytes:

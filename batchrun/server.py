@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .protocol import parse_request, response_body
+
 DEFAULT_PARAMS: dict[str, Any] = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 40}
 # A toy answer is a few bytes a token; the cap keeps one request from asking for gigabytes.
 MAX_TOKENS_LIMIT = 4096
@@ -135,45 +137,15 @@ STATS = web.AppKey("stats", ServerStats)
 OPTIONS = web.AppKey("options", ServerOptions)
 
 
-def _parse(body: bytes) -> tuple[str, list[str], dict[str, Any]]:
-    """Model, prompts and effective params of a request body, or ValueError with the reason."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ValueError(f"body is not JSON ({exc.__class__.__name__})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"body must be a JSON object (got {type(doc).__name__})")
-    # Unknown top-level keys are ignored: LiteLLM >= 1.74 merges `extra_body` in beside these.
-    model, params = doc.get("model"), doc.get("params")
-    if not isinstance(model, str):
-        raise ValueError(f"model must be a string (got {type(model).__name__})")
-    if not isinstance(params, dict):
-        raise ValueError(f"params must be an object (got {type(params).__name__})")
-    # LiteLLM's `custom` provider always sends a one-item list (litellm/main.py, `_complete_custom`
-    # in 1.106: "prompt": [" ".join(message contents)]); a bare string is accepted as one prompt.
-    prompts = params.get("prompt")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, list) or not prompts:
-        raise ValueError(f"params.prompt must be a non-empty list of strings (got {_kind(prompts)})")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise ValueError(f"params.prompt[{i}] must be a string (got {type(prompt).__name__})")
-    return model, prompts, effective_params(params)
-
-
-def _kind(value: Any) -> str:
-    return "empty list" if value == [] else "null" if value is None else type(value).__name__
-
-
 def _error(status: int, reason: str) -> web.Response:
-    return web.json_response({"message": reason, "data": []}, status=status)
+    return web.json_response(response_body([], reason), status=status)
 
 
 async def _infer(request: web.Request) -> web.Response:
     stats, options = request.app[STATS], request.app[OPTIONS]
     try:
-        model, prompts, eff = _parse(await request.read())
+        model, prompts, params = parse_request(await request.read())
+        eff = effective_params(params)
     except web.HTTPRequestEntityTooLarge:
         stats.rejected += 1
         return _error(413, f"body is larger than {options.max_body_bytes} bytes")
@@ -197,7 +169,7 @@ async def _infer(request: web.Request) -> web.Response:
         if options.hold is not None:
             await options.hold.wait()
         data = [{"prompt": p, "output": toy_output(model, p, eff), "params": eff} for p in prompts]
-        return web.json_response({"data": data, "message": "ok"})
+        return web.json_response(response_body(data))
     finally:
         stats.in_flight -= 1
 

@@ -240,14 +240,15 @@ def install_split() -> None:
     worker threads); whatever is left of the process's CPU is the event loop, aiohttp, the engine
     and Arrow's own thread pool.
     """
-    from batchrun import client, engine, runner
+    from batchrun import engine, runner
     from batchrun.checkpoint import RunState, SegmentInfo
+    from batchrun.protocol import CustomCodec
 
     engine._next_wanted = _timed("read input (segments)", engine._next_wanted)
     runner._plan = _timed("plan (count rows, ids, fingerprint)", runner._plan)
     engine.Engine._open_segment = _timed("prompts + hashes + ids", engine.Engine._open_segment)
-    client.build_request = _timed("json: build request", client.build_request)
-    client.match_response = _timed("json: parse + match response", client.match_response)
+    CustomCodec.build_request = _timed("json: build request", CustomCodec.build_request)
+    CustomCodec.match = _timed("json: parse + match response", CustomCodec.match)
     engine.Segment.to_table = _timed("checkpoint: results to Arrow", engine.Segment.to_table)
     SegmentInfo.of = classmethod(_timed("checkpoint: results to Arrow", SegmentInfo.of.__func__))
     RunState.commit_segment = _timed("checkpoint: write segment", RunState.commit_segment)
