@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 from conftest import BATCHRUN, assert_final_files_readable, expected_output, prompt_rows, write_csv, write_job
 from endpoint import LiveEndpoint, shared_faults
 from hypothesis import HealthCheck, event, settings
@@ -31,6 +32,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from batchrun.server import ServerOptions
 
 EXAMPLES = int(os.environ.get("BATCHRUN_MODEL_EXAMPLES", 8))
+# Each example runs several CLI processes: the per-test timeout grows with the examples asked for.
+pytestmark = pytest.mark.timeout(max(120, 20 * EXAMPLES))
 ROWS = 300
 CRASH_STEPS = [
     "batch:answered", "partial:written", "partial:renamed", "segment:written", "segment:fsynced",
