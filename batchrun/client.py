@@ -8,11 +8,11 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import aiohttp
-from aiolimiter import AsyncLimiter
 
+from .admission import Admission, AttemptResult, FixedAdmission, Stopping, sleep_unless_stopped
 from .errors import AuthError, EndpointError
 from .protocol import Answer, Codec, Matched, ResponseError
 from .retry import INVALID, OutageVerdict, RetryLog, RetryPolicy, parse_retry_after
@@ -54,83 +54,9 @@ class _Transient(Exception):
         self.connect = connect  # the request never reached the server: refused, DNS, unreachable, TLS
 
 
-class _Stopping(Exception):
-    """The run is stopping: no new attempt starts, and waits end at once."""
-
-
 class _Rejected(Exception):
     def __init__(self, status: int, reason: str):
         self.status, self.reason = status, reason
-
-
-class Throttle:
-    """Shared by every request of a run: smooth rate limits and the pause a 429 imposes on all.
-
-    Buckets hold one request and one batch of prompts, so the rate is held evenly from the first
-    second instead of allowing a minute's worth in a burst.
-    """
-
-    def __init__(self, requests_per_minute: float | None, prompts_per_minute: float | None, batch_size: int):
-        self._requests = AsyncLimiter(1, 60.0 / requests_per_minute) if requests_per_minute else None
-        self._batch = batch_size
-        self._prompts = (
-            AsyncLimiter(batch_size, batch_size * 60.0 / prompts_per_minute) if prompts_per_minute else None
-        )
-        self._paused_until = 0.0
-
-    def pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-
-    async def wait(self, prompts: int, stop: asyncio.Event | None = None) -> float:
-        """Wait for a turn to send ``prompts`` prompts; return the seconds waited.
-
-        Raises ``_Stopping`` as soon as ``stop`` is set: a stopping run sends nothing new.
-        """
-        started = time.monotonic()
-        await self._sit_out_pause(stop)
-        if self._requests is not None:
-            await _unless_stopped(self._requests.acquire(), stop)
-        if self._prompts is not None:
-            await _unless_stopped(self._prompts.acquire(min(prompts, self._batch)), stop)
-        # A 429 answered while this request queued on a limiter holds it too.
-        await self._sit_out_pause(stop)
-        return time.monotonic() - started
-
-    async def _sit_out_pause(self, stop: asyncio.Event | None) -> None:
-        while (left := self._paused_until - time.monotonic()) > 0:
-            await sleep_unless_stopped(left, stop)
-
-
-async def sleep_unless_stopped(seconds: float, stop: asyncio.Event | None) -> None:
-    """Sleep ``seconds``; raise ``_Stopping`` at once if ``stop`` is or becomes set."""
-    if stop is None:
-        await asyncio.sleep(seconds)
-        return
-    if stop.is_set():
-        raise _Stopping
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return
-    raise _Stopping
-
-
-async def _unless_stopped(waiting: Any, stop: asyncio.Event | None) -> None:
-    """Await ``waiting`` (a limiter's turn), giving it up with ``_Stopping`` if ``stop`` is set."""
-    if stop is None:
-        await waiting
-        return
-    turn = asyncio.ensure_future(waiting)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait((turn, stopped), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        if not turn.done():
-            turn.cancel()
-    if stop.is_set() and (turn.cancelled() or not turn.done()):
-        raise _Stopping
-    turn.result()
 
 
 class EndpointClient:
@@ -148,7 +74,7 @@ class EndpointClient:
         codec: Codec,
         policy: RetryPolicy,
         api_key: str | None = None,
-        throttle: Throttle | None = None,
+        admission: Admission | None = None,
         accounting: Accounting | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         *,
@@ -163,7 +89,7 @@ class EndpointClient:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._throttle = throttle or Throttle(None, None, 1)
+        self._admission: Admission = admission or FixedAdmission(None, None, 1, policy)
         self._max_bytes = max_response_bytes
         self._stop = stop
         self.verdict = OutageVerdict(policy.outage_after, answered=answered_before)
@@ -184,7 +110,7 @@ class EndpointClient:
         attempts = [0] * len(prompts)
         try:
             await self._process(list(range(len(prompts))), prompts, outcomes, attempts)
-        except _Stopping:
+        except Stopping:
             pass
         return outcomes
 
@@ -200,9 +126,9 @@ class EndpointClient:
             if attempt:
                 self.accounting.retries[failure.cause] += 1
                 await sleep_unless_stopped(self._policy.delay(attempt, failure.retry_after), self._stop)
-            self.accounting.throttle_wait_s += await self._throttle.wait(len(pending), self._stop)
+            self.accounting.throttle_wait_s += await self._admission.admit(len(pending), self._stop)
             if self._stop is not None and self._stop.is_set():
-                raise _Stopping
+                raise Stopping
             for i in pending:
                 if attempts[i]:
                     self.accounting.prompts_resent += 1
@@ -211,10 +137,12 @@ class EndpointClient:
             try:
                 matched = await self._attempt([prompts[i] for i in pending])
             except _Transient as exc:
+                self._settle(len(pending), started, exc.cause, exc.retry_after)
                 failure = exc
                 self._failed_attempt(exc)
                 continue
             except _Rejected as exc:
+                self._settle(len(pending), started, f"http_{exc.status}")
                 if len(pending) == 1:
                     outcomes[pending[0]] = RowOutcome(
                         None, f"{REJECTED}: HTTP {exc.status}: {exc.reason}", attempts[pending[0]], None, REJECTED
@@ -225,7 +153,10 @@ class EndpointClient:
                 await self._process(pending[:half], prompts, outcomes, attempts)
                 await self._process(pending[half:], prompts, outcomes, attempts)
                 return
-            latency = time.monotonic() - started
+            except BaseException:  # the run is ending (credentials refused, redirect, cancelled)
+                self._settle(len(pending), started, "aborted")
+                raise
+            latency = self._settle(len(pending), started)
             for j, answer in matched.answers.items():
                 i = pending[j]
                 outcomes[i] = RowOutcome(answer, None, attempts[i], latency)
@@ -242,7 +173,7 @@ class EndpointClient:
                 # Nothing usable came back: as much the endpoint's failure as a 5xx.
                 self._failed_attempt(failure)
         if self._stop is not None and self._stop.is_set():
-            raise _Stopping  # cut short: whether these rows or the endpoint are at fault is unknown
+            raise Stopping  # cut short: whether these rows or the endpoint are at fault is unknown
         self.verdict.give_up(failure.cause, failure.reason, failure.connect)
         for i in pending:
             outcomes[i] = RowOutcome(
@@ -263,12 +194,16 @@ class EndpointClient:
     def _secret(self) -> str:
         return self._headers.get("Authorization", "").removeprefix("Bearer ")
 
+    def _settle(self, prompts: int, started: float, cause: str | None = None, retry_after: float | None = None) -> float:
+        """Tell admission how an attempt went (before anything else is sent); return its latency."""
+        latency = time.monotonic() - started
+        self._admission.settle(AttemptResult(prompts, latency, cause, retry_after))
+        return latency
+
     def _failed_attempt(self, exc: _Transient) -> None:
         self.retry_log.failed(exc.cause, exc.reason)
         if exc.cause == "http_429":
-            # The endpoint is saturated: everyone backs off, not only this request.
-            self._throttle.pause(self._policy.delay(1, exc.retry_after))
-            return
+            return  # overload, not death: admission pauses the run (see FixedAdmission.settle)
         self.verdict.failure(exc.cause, exc.reason)
 
     async def _attempt(self, prompts: list[str]) -> Matched:

@@ -18,8 +18,9 @@ from typing import Any, cast
 import pyarrow as pa
 
 from . import source
+from .admission import FixedAdmission
 from .checkpoint import EMPTY_PROMPT, RESULT_SCHEMA, RunState, SegmentInfo
-from .client import Accounting, EndpointClient, RowOutcome, Throttle, make_session
+from .client import Accounting, EndpointClient, RowOutcome, make_session
 from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
 from .localfs import crashpoint
@@ -208,19 +209,22 @@ class Engine:
     async def _run(self) -> None:
         async with self.endpoint as url, make_session(self.spec.run.concurrency, self.spec.timeout_s) as session:
             run = self.spec.run
+            policy = RetryPolicy(
+                max_retries=run.max_retries,
+                base_s=run.retry_backoff_s,
+                cap_s=run.retry_backoff_max_s,
+                retry_after_cap_s=run.retry_after_max_s,
+                outage_after=run.outage_after_failures,
+            )
             client = EndpointClient(
                 session,
                 url,
                 CustomCodec(self.spec.model_name, self.spec.params, self.spec.echo_match),
-                RetryPolicy(
-                    max_retries=run.max_retries,
-                    base_s=run.retry_backoff_s,
-                    cap_s=run.retry_backoff_max_s,
-                    retry_after_cap_s=run.retry_after_max_s,
-                    outage_after=run.outage_after_failures,
-                ),
+                policy,
                 api_key=self.api_key,
-                throttle=Throttle(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
+                admission=FixedAdmission(
+                    run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy
+                ),
                 accounting=self.accounting,
                 max_response_bytes=self.spec.max_response_bytes,
                 stop=self.stop,

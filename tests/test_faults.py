@@ -40,7 +40,7 @@ from conftest import (
 )
 from endpoint import Arrival, LiveEndpoint, shared_faults
 
-from batchrun import client, run_job
+from batchrun import admission, run_job
 from batchrun.errors import OutageError
 from batchrun.retry import RetryLog
 from batchrun.server import ServerOptions
@@ -956,14 +956,14 @@ def test_a_stop_ends_a_wait_for_a_rate_limit_turn_at_once() -> None:
 
     async def main() -> float:
         stop = asyncio.Event()
-        throttle = client.Throttle(1, None, 4)
-        await throttle.wait(4, stop)  # the first turn is free
-        waiting = asyncio.ensure_future(throttle.wait(4, stop))
+        throttle = admission.FixedAdmission(1, None, 4)
+        await throttle.admit(4, stop)  # the first turn is free
+        waiting = asyncio.ensure_future(throttle.admit(4, stop))
         await asyncio.sleep(0)  # let it start waiting
         assert not waiting.done()
         started = time.monotonic()
         stop.set()
-        with pytest.raises(client._Stopping):
+        with pytest.raises(admission.Stopping):
             await asyncio.wait_for(waiting, 5)
         return time.monotonic() - started
 
