@@ -29,6 +29,7 @@ from .retry import RetryPolicy
 
 log = logging.getLogger("batchrun")
 
+
 @dataclass
 class Progress:
     """A snapshot handed to ``on_progress``: rows of the whole job, not only of this run."""
@@ -109,9 +110,8 @@ class Segment:
         self.dirty = False  # results not yet in a partial file
         self.sent_before: set[int] = set()  # rows a crashed run had sent (from the journal)
 
-    def carry_over(self, table: pa.Table) -> int:
-        """Reuse earlier successful results whose prompt hash still matches; return how many."""
-        reused = 0
+    def carry_over(self, table: pa.Table) -> None:
+        """Reuse earlier successful results whose prompt hash (and id) still match."""
         d = table.to_pydict()
         for row, h, rid, out, params, err, att, lat in zip(
             d["row"], d["prompt_hash"], d["id"], d["output"], d["params"], d["error"], d["attempts"], d["latency_s"]
@@ -123,8 +123,6 @@ class Segment:
                 continue
             if self.outcomes[i] is None:
                 self.outcomes[i] = RowOutcome(Answer(out, params), None, att, lat)
-                reused += 1
-        return reused
 
     def pending(self) -> list[int]:
         return [i for i, o in enumerate(self.outcomes) if o is None]

@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 OVERWRITE_HINT = "set output.overwrite = true in the job (or pass --overwrite) to replace it on purpose"
 
 
+def with_overwrite(spec: JobSpec, overwrite: bool) -> JobSpec:
+    """The job as ``--overwrite`` (or ``overwrite=True``) makes it: as ``output.overwrite = true``."""
+    return spec.model_copy(update={"overwrite_output": True}) if overwrite else spec
+
+
 def read_api_key(spec: JobSpec) -> str | None:
     """The key from the variable the job names; an unset or empty variable is an error naming it."""
     if spec.api_key_env is None:
@@ -175,9 +180,7 @@ def validate_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> Valid
     """
     from .config import JobSpec, load_job
 
-    spec = job if isinstance(job, JobSpec) else load_job(job)
-    if overwrite:
-        spec = spec.model_copy(update={"overwrite_output": True})
+    spec = with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
     read_api_key(spec)
     check_output_path(spec)
     check_output_writable(spec, create=False)

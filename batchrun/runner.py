@@ -35,6 +35,7 @@ from .preflight import (
     check_output_writable,
     check_saved_progress,
     read_api_key,
+    with_overwrite,
 )
 from .report import (
     RunSummary,
@@ -75,7 +76,7 @@ def run_job(
     service) use ``await arun_job(...)``.
     """
     _refuse_running_loop("run_job")
-    spec = _with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
+    spec = with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
     part = Shard.parse(shard) if isinstance(shard, str) else shard
     if restart and part is not None:
         raise JobError("--restart discards the progress of every shard; run it once without --shard")
@@ -149,10 +150,6 @@ def _endpoint(spec: JobSpec) -> AbstractAsyncContextManager[str]:
     return nullcontext(spec.api_base)
 
 
-def _with_overwrite(spec: JobSpec, overwrite: bool) -> JobSpec:
-    return spec.model_copy(update={"overwrite_output": True}) if overwrite else spec
-
-
 def _run_engine(engine: Engine, signals: StopSignals | None) -> None:
     asyncio.run(engine.run(signals))
     if signals is not None and signals.fired:
@@ -162,7 +159,7 @@ def _run_engine(engine: Engine, signals: StopSignals | None) -> None:
 
 def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSummary:
     """Write the single output from every shard's segments; refuse while a shard is unfinished."""
-    spec = _with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
+    spec = with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
     check_output_path(spec)
     state = RunState(spec.state_dir)
     summary = RunSummary(
