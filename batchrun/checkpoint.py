@@ -45,9 +45,9 @@ from .localfs import (
     write_json_atomic,
     writer_gone,
 )
+from .plan import Plan
 
 # 2: the fingerprint holds each file's whole-content sha256 (1: sample_sha256, see fingerprint.py).
-PLAN_VERSION = 2
 RESULT_SCHEMA = pa.schema(
     [
         ("row", pa.int64()),
@@ -304,11 +304,13 @@ class RunState:
                 yield f, name
 
     # -- plan -----------------------------------------------------------------------------------
-    def read_plan(self) -> dict[str, Any] | None:
-        return read_json(self.plan_path)
+    def read_plan(self) -> Plan | None:
+        """The pinned plan; None when there is none (or it cannot be read back as JSON)."""
+        doc = read_json(self.plan_path)
+        return None if doc is None else Plan.from_json(doc, str(self.plan_path))
 
-    def write_plan(self, plan: dict[str, Any]) -> None:
-        write_json_atomic(self.plan_path, {"version": PLAN_VERSION, **plan}, "plan")
+    def write_plan(self, plan: Plan) -> None:
+        write_json_atomic(self.plan_path, plan.to_json(), "plan")
 
     # -- segments -------------------------------------------------------------------------------
     def segment_path(self, k: int) -> Path:

@@ -1,4 +1,10 @@
-"""The job file: a frozen, typed ``JobSpec`` and ``load_job(path)``, reporting every problem at once."""
+"""The job file: a frozen, typed ``JobSpec`` and ``load_job(path)``, reporting every problem at once.
+
+``load_job`` reads the job file and nothing else. What the input holds (its files, format and
+columns) is found by a planning step, ``inputcheck.open_job`` (or ``inputcheck.with_input`` on a
+spec already loaded), which this module does not import: it takes that step as ``scan_input`` so
+that a job's problems, in the file and in its input, are still reported together.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import ipaddress
 import re
 import string
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -16,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import JobError
 
 BUILTIN = "builtin"
-# Columns batchrun adds to every output row; an input column with one of these names is refused.
-RESULT_COLUMNS = ("output", "params", "error", "attempts", "latency_s")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -81,17 +86,35 @@ class JobFile(_Section):
     output: OutputSection
 
 
+class InputFiles(BaseModel):
+    """What the planning step found the input to be: its files in order, their format and columns."""
+
+    model_config = ConfigDict(frozen=True)
+
+    files: tuple[Path, ...]
+    format: Literal["csv", "parquet"]
+    columns: tuple[str, ...]
+
+
+# The planning step's input check: (input section, job folder, template fields) -> what it
+# found (None if nothing usable) and the problems, each worded as "input.<key>: ...".
+InputScanner = Callable[[InputSection, Path, tuple[str, ...]], tuple[InputFiles | None, list[str]]]
+
+
 class JobSpec(BaseModel):
-    """A validated job with every path resolved against the job file's directory."""
+    """A validated job with every path resolved against the job file's directory.
+
+    ``input`` is None until the planning step has looked at the input (``inputcheck.with_input``);
+    ``input_files``, ``input_format`` and ``columns`` read it and refuse before then.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     job_path: Path
     input_pattern: str
-    input_files: tuple[Path, ...]
-    input_format: Literal["csv", "parquet"]
+    input_format_option: Literal["csv", "parquet"] | None = None  # input.format as given
+    input: InputFiles | None = None
     csv_block_bytes: int  # pyarrow's CSV block: the longest row it can parse
-    columns: tuple[str, ...]
     prompt_column: str | None
     template: str | None
     template_fields: tuple[str, ...]
@@ -108,6 +131,23 @@ class JobSpec(BaseModel):
     output_path: Path
     state_dir: Path
     overwrite_output: bool = False  # replace a file at output_path that this job did not write
+
+    @property
+    def input_files(self) -> tuple[Path, ...]:
+        return self._scanned().files
+
+    @property
+    def input_format(self) -> Literal["csv", "parquet"]:
+        return self._scanned().format
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self._scanned().columns
+
+    def _scanned(self) -> InputFiles:
+        if self.input is None:
+            raise RuntimeError("the input has not been looked at yet: use inputcheck.with_input(spec)")
+        return self.input
 
     @property
     def model_name(self) -> str:
@@ -130,8 +170,12 @@ class JobSpec(BaseModel):
         }
 
 
-def load_job(path: str | Path) -> JobSpec:
-    """Read, validate and resolve a job file; raise ``JobError`` listing every problem found."""
+def load_job(path: str | Path, *, scan_input: InputScanner | None = None) -> JobSpec:
+    """Read, validate and resolve a job file; raise ``JobError`` listing every problem found.
+
+    Reads the job file only. With ``scan_input`` (the planning step's input check) the input is
+    looked at too and its problems join the job file's.
+    """
     job_path = Path(path)
     where = str(path)
     try:
@@ -168,7 +212,7 @@ def load_job(path: str | Path) -> JobSpec:
         except ValidationError as exc:
             for err in exc.errors():
                 problems.append(_describe(where, {**err, "loc": (name, *err["loc"])}))
-    spec = _resolve(where, job_path.resolve(), sections, problems)
+    spec = _resolve(where, job_path.resolve(), sections, problems, scan_input)
     if problems:
         raise JobError(problems)
     assert spec is not None
@@ -235,12 +279,10 @@ def _known_keys(section: list[str]) -> list[str]:
 
 
 def _resolve(
-    where: str, job_path: Path, sections: dict[str, Any], problems: list[str]
+    where: str, job_path: Path, sections: dict[str, Any], problems: list[str], scan_input: InputScanner | None
 ) -> JobSpec | None:
-    """Check what needs several keys or the input itself; add to ``problems``; build the spec."""
-    # Imported here so that loading a job's syntax never pulls in pyarrow.
-    from . import inputcheck, source
-
+    """Check what needs several keys (and, given ``scan_input``, the input); add to ``problems``;
+    build the spec."""
     base = job_path.parent
     inp: InputSection | None = sections.get("input")
     ep: EndpointSection | None = sections.get("endpoint")
@@ -253,14 +295,6 @@ def _resolve(
         output_path = (base / out.path).resolve()
         if output_path.suffix != ".parquet":
             problems.append(f"{where}: output.path: must end in .parquet (got {out.path!r})")
-        elif output_path.is_dir():
-            problems.append(f"{where}: output.path: is a directory, not a file ({output_path})")
-        else:
-            blocker = next((p for p in output_path.parents if p.exists()), None)
-            if blocker is not None and not blocker.is_dir():
-                problems.append(
-                    f"{where}: output.path: {blocker} is a file, so the output folder cannot be made"
-                )
         state_dir = (
             (base / out.state_dir).resolve()
             if out.state_dir
@@ -286,48 +320,18 @@ def _resolve(
         except ValueError as exc:
             problems.append(f"{where}: input.template: {exc} (got {inp.template!r})")
 
-    files: tuple[Path, ...] = ()
-    fmt: Literal["csv", "parquet"] = inp.format or "csv"
-    columns: tuple[str, ...] = ()
-    try:
-        files = tuple(source.resolve_input(inp.path, base))
-        fmt = inp.format or source.detect_format(files)
-        schema = inputcheck.read_schema(files, fmt)
-        columns = tuple(schema.names)
-    except JobError as exc:
-        problems += [f"{where}: input.path: {p}" for p in exc.problems]
-    if columns:
-        problems += [
-            f"{where}: {p}"
-            for p in inputcheck.column_type_problems(
-                schema, prompt_column=inp.prompt_column, template_fields=template_fields,
-                id_column=inp.id_column,
-            )
-        ]
-        wanted = [("prompt_column", inp.prompt_column), ("id_column", inp.id_column)]
-        wanted += [("template", f) for f in template_fields]
-        for key, col in wanted:
-            if col is not None and col not in columns:
-                hint = _near_column(col, columns)
-                problems.append(
-                    f"{where}: input.{key}: column {col!r} is not in the input "
-                    f"(columns: {', '.join(columns)}){hint}"
-                )
-        clash = [c for c in columns if c in RESULT_COLUMNS]
-        if clash:
-            problems.append(
-                f"{where}: input.path: input column(s) {', '.join(map(repr, clash))} clash with "
-                f"the columns batchrun adds ({', '.join(RESULT_COLUMNS)}); rename them"
-            )
+    found: InputFiles | None = None
+    if scan_input is not None:
+        found, input_problems = scan_input(inp, base, template_fields)
+        problems += [f"{where}: {p}" for p in input_problems]
     if problems or ep is None or run is None or output_path is None or state_dir is None:
         return None
     return JobSpec(
         job_path=job_path,
         input_pattern=inp.path,
-        input_files=files,
-        input_format=fmt,
+        input_format_option=inp.format,
+        input=found,
         csv_block_bytes=int(inp.csv_max_row_mb * (1 << 20)),
-        columns=columns,
         prompt_column=inp.prompt_column,
         template=inp.template,
         template_fields=template_fields,
@@ -344,12 +348,6 @@ def _resolve(
         state_dir=state_dir,
         overwrite_output=out.overwrite if out is not None else False,
     )
-
-
-def _near_column(name: str, columns: tuple[str, ...]) -> str:
-    by_lower = {c.lower(): c for c in columns}
-    near = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
-    return f"; did you mean '{by_lower[near[0]]}'?" if near else ""
 
 
 def _endpoint_problems(where: str, ep: EndpointSection) -> list[str]:

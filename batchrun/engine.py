@@ -24,6 +24,7 @@ from .client import Accounting, EndpointClient, RowOutcome, make_session
 from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
 from .localfs import crashpoint
+from .plan import Plan
 from .protocol import Answer, CustomCodec
 from .retry import RetryPolicy
 
@@ -151,7 +152,7 @@ class Engine:
         self,
         spec: JobSpec,
         state: RunState,
-        plan: dict[str, Any],
+        plan: Plan,
         infos: dict[int, SegmentInfo],
         todo: list[int],
         api_key: str | None,
@@ -168,7 +169,7 @@ class Engine:
         self.on_progress = on_progress
         self.endpoint = endpoint  # yields the URL to send to for the length of the run
         self.started = started
-        self.seg_rows = int(plan["segment_rows"])
+        self.seg_rows = plan.segment_rows
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.open: dict[int, Segment] = {}
         # Enough open segments to keep every worker busy twice over, so one slow batch does not
@@ -184,7 +185,7 @@ class Engine:
         done = sum(i.rows for k, i in infos.items() if k not in self.todo)
         earlier = [i for k, i in infos.items() if k not in self.todo]
         self.progress = Progress(
-            total=plan["rows"], done=done, failed=sum(i.retryable for i in earlier), sent=0, elapsed_s=0.0,
+            total=plan.rows, done=done, failed=sum(i.retryable for i in earlier), sent=0, elapsed_s=0.0,
             skipped=sum(i.skipped for i in earlier),
         )
         self.accounting = Accounting()

@@ -18,9 +18,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .errors import JobError, StateError
+from .errors import JobError
+from .plan import FileMark, Plan
 
 # sha256 over a whole file ran at 1.5 GB/s on the development machine (0.70 s for 1 GiB from the
 # page cache, 0.90 s once the cache was dropped; AMD EPYC with SHA extensions, OpenSSL 3.0, 2
@@ -41,7 +41,7 @@ class InputCheck:
     """
 
     same: bool
-    refreshed: list[dict[str, Any]] | None
+    refreshed: list[FileMark] | None
     hashes: dict[tuple[str, int, int], str]
 
 
@@ -54,9 +54,9 @@ def file_sha256(path: Path) -> str:
         raise JobError(f"cannot read {path.name}: {exc.strerror or exc}") from None
 
 
-def take(files: Sequence[Path], known: dict[tuple[str, int, int], str] | None = None) -> list[dict[str, Any]]:
+def take(files: Sequence[Path], known: dict[tuple[str, int, int], str] | None = None) -> list[FileMark]:
     """Each file's path, size, mtime and whole-content sha256, as a new plan records them."""
-    out = []
+    out: list[FileMark] = []
     for f in files:
         # stat before hashing: a file written to while it is hashed ends with a later mtime than
         # the one recorded, so the next run hashes it again instead of trusting a mixed digest.
@@ -66,7 +66,7 @@ def take(files: Sequence[Path], known: dict[tuple[str, int, int], str] | None = 
     return out
 
 
-def identity(fingerprint: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+def identity(fingerprint: Sequence[FileMark]) -> list[tuple[object, ...]]:
     """What the bytes are, as a comparable value: name, size and digest of every file, in order.
 
     The directory may move with the job, and a copy changes mtime: neither is part of it.
@@ -76,20 +76,14 @@ def identity(fingerprint: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     ]
 
 
-def check(plan: dict[str, Any], files: Sequence[Path]) -> InputCheck:
+def check(plan: Plan, files: Sequence[Path]) -> InputCheck:
     """Compare the input files with the fingerprint ``plan`` pinned, reading as little as it can."""
-    recorded: list[dict[str, Any]] = plan.get("fingerprint", [])
-    version = plan.get("version", 1)
-    if version == 1:
+    recorded = plan.fingerprint
+    if plan.version == 1:
         return InputCheck(identity(recorded) == identity(_legacy(files)), None, {})
-    if version != 2:
-        raise StateError(
-            f"the saved progress was planned by a newer batchrun (plan version {version}); "
-            "run it with that version, or run with --restart to discard it"
-        )
     if [Path(str(r["path"])).name for r in recorded] != [f.name for f in files]:
         return InputCheck(False, None, {})
-    refreshed: list[dict[str, Any]] = []
+    refreshed: list[FileMark] = []
     hashes: dict[tuple[str, int, int], str] = {}
     touched = False
     for rec, f in zip(recorded, files):
@@ -115,9 +109,9 @@ def _stat(path: Path) -> os.stat_result:
         raise JobError(f"cannot read {path.name}: {exc.strerror or exc}") from None
 
 
-def _legacy(files: Sequence[Path]) -> list[dict[str, Any]]:
+def _legacy(files: Sequence[Path]) -> list[FileMark]:
     """Fingerprints as version 1 made them (whole up to 64 MB, first and last MB above)."""
-    out = []
+    out: list[FileMark] = []
     for f in files:
         size = _stat(f).st_size
         if size <= _LEGACY_WHOLE:

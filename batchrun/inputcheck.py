@@ -1,11 +1,13 @@
-"""What batchrun checks of its input before it sends anything: the files' schema, the types a
-prompt, template or id column may have, and a readable sample of every file."""
+"""The planning step's look at the input, before anything is sent: which files a job's input
+names, their format and schema, the types a prompt, template or id column may have, and a
+readable sample of every file. ``open_job`` is ``load_job`` with this step."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +16,76 @@ from . import csvinput, source
 from .errors import JobError
 
 if TYPE_CHECKING:
-    from .config import JobSpec
+    from .config import InputFiles, InputSection, JobSpec
+
+# Columns batchrun adds to every output row; an input column with one of these names is refused.
+RESULT_COLUMNS = ("output", "params", "error", "attempts", "latency_s")
+
+
+def open_job(path: str | Path) -> JobSpec:
+    """``load_job`` and the input check together: every problem of the job file and of its
+    input in one ``JobError``."""
+    from .config import load_job
+
+    return load_job(path, scan_input=scan_input)
+
+
+def with_input(spec: JobSpec) -> JobSpec:
+    """``spec`` with its input looked at (a spec from ``load_job`` has not been); ``JobError``
+    listing the input's problems."""
+    if spec.input is not None:
+        return spec
+    from .config import InputSection
+
+    section = InputSection(
+        path=spec.input_pattern, prompt_column=spec.prompt_column, template=spec.template,
+        id_column=spec.id_column, format=spec.input_format_option,
+    )
+    found, problems = scan_input(section, spec.job_path.parent, spec.template_fields)
+    if problems:
+        raise JobError([f"{spec.job_path}: {p}" for p in problems])
+    return spec.model_copy(update={"input": found})
+
+
+def scan_input(
+    inp: InputSection, base: Path, template_fields: tuple[str, ...]
+) -> tuple[InputFiles | None, list[str]]:
+    """The files ``inp`` names, their format and columns, and what is wrong with them for this
+    job (each problem worded "input.<key>: ...")."""
+    from .config import InputFiles
+
+    problems: list[str] = []
+    try:
+        files = tuple(source.resolve_input(inp.path, base))
+        fmt: Literal["csv", "parquet"] = inp.format or source.detect_format(files)
+        schema = read_schema(files, fmt)
+    except JobError as exc:
+        return None, [f"input.path: {p}" for p in exc.problems]
+    columns = tuple(schema.names)
+    problems += column_type_problems(
+        schema, prompt_column=inp.prompt_column, template_fields=template_fields, id_column=inp.id_column
+    )
+    wanted = [("prompt_column", inp.prompt_column), ("id_column", inp.id_column)]
+    wanted += [("template", f) for f in template_fields]
+    for key, col in wanted:
+        if col is not None and col not in columns:
+            problems.append(
+                f"input.{key}: column {col!r} is not in the input (columns: {', '.join(columns)})"
+                + _near_column(col, columns)
+            )
+    clash = [c for c in columns if c in RESULT_COLUMNS]
+    if clash:
+        problems.append(
+            f"input.path: input column(s) {', '.join(map(repr, clash))} clash with "
+            f"the columns batchrun adds ({', '.join(RESULT_COLUMNS)}); rename them"
+        )
+    return InputFiles(files=files, format=fmt, columns=columns), problems
+
+
+def _near_column(name: str, columns: tuple[str, ...]) -> str:
+    by_lower = {c.lower(): c for c in columns}
+    near = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return f"; did you mean '{by_lower[near[0]]}'?" if near else ""
 
 
 def read_schema(files: Sequence[Path], fmt: str) -> pa.Schema:

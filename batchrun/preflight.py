@@ -18,7 +18,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import fingerprint as fingerprints
 from . import source
@@ -26,6 +26,7 @@ from .checkpoint import RunState
 from .errors import JobError, StateError, StorageError
 from .inputcheck import check_sample
 from .localfs import storage_error
+from .plan import Plan
 from .sink import output_identity
 
 if TYPE_CHECKING:
@@ -53,8 +54,14 @@ def read_api_key(spec: JobSpec) -> str | None:
 
 
 def check_output_path(spec: JobSpec) -> None:
-    """Refuse an output path that is, or would be, one of the job's input files."""
+    """Refuse an output path that is a folder, cannot be made, or is (or would be) one of the
+    job's input files."""
     out = spec.output_path
+    if out.is_dir():
+        raise JobError(f"{spec.job_path}: output.path: is a directory, not a file ({out})")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise JobError(f"{spec.job_path}: output.path: {blocker} is a file, so the output folder cannot be made")
     clash = next((f for f in spec.input_files if _same_file(f, out)), None)
     if clash is not None:
         raise JobError(
@@ -141,13 +148,13 @@ def _match_parts(pattern: tuple[str, ...], name: tuple[str, ...]) -> bool:
 
 
 def check_saved_progress(
-    spec: JobSpec, state: RunState, plan: dict[str, Any], *, allow_incremental: bool = True
+    spec: JobSpec, state: RunState, plan: Plan, *, allow_incremental: bool = True
 ) -> fingerprints.InputCheck:
     """Compare saved progress with the job: ``StateError`` naming what changed when it cannot be
     resumed; otherwise the input check (``same``: resume as is; not ``same``: with an id column,
     the input is planned again incrementally)."""
     settings = json.loads(json.dumps(spec.settings()))
-    saved = plan.get("settings", {})
+    saved = plan.settings
     changed = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in settings if saved.get(k) != settings[k]]
     seen = fingerprints.check(plan, spec.input_files)
     if not changed and (seen.same or (spec.id_column and allow_incremental)):
@@ -178,9 +185,10 @@ def validate_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> Valid
 
     Raises the error the run would raise (``JobError``/``StateError`` exit 2, ``StorageError`` 74).
     """
-    from .config import JobSpec, load_job
+    from .config import JobSpec
+    from .inputcheck import open_job, with_input
 
-    spec = with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
+    spec = with_overwrite(with_input(job) if isinstance(job, JobSpec) else open_job(job), overwrite)
     read_api_key(spec)
     check_output_path(spec)
     check_output_writable(spec, create=False)

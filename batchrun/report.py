@@ -3,7 +3,6 @@ its checkpoint files, and ``batchrun status``."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,9 +141,8 @@ def saved_counts(state: RunState, part: Shard | None) -> tuple[int, dict[str, An
     plan = state.read_plan()
     if plan is None:
         return 0, counts_of({})
-    sizes = segment_sizes(plan["rows"], int(plan["segment_rows"]))
-    infos = state.scan_segments(sizes, remove_damaged=False)
-    return plan["rows"], counts_of({k: i for k, i in infos.items() if part is None or part.owns(k)})
+    infos = state.scan_segments(plan.sizes(), remove_damaged=False)
+    return plan.rows, counts_of({k: i for k, i in infos.items() if part is None or part.owns(k)})
 
 
 def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
@@ -159,21 +157,20 @@ def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
             pending=None,
         )
     else:
-        sizes = segment_sizes(plan["rows"], int(plan["segment_rows"]))
-        infos = state.scan_segments(sizes, remove_damaged=False)
+        infos = state.scan_segments(plan.sizes(), remove_damaged=False)
         counts = counts_of(infos)
         done = sum(i.rows for i in infos.values())
         finished = state.read_finished()
-        complete = done == plan["rows"] and finished is not None and finished.get("output") == output_identity(spec.output_path)
+        complete = done == plan.rows and finished is not None and finished.get("output") == output_identity(spec.output_path)
         out.update(
             state="complete" if complete else "in progress",
-            rows=plan["rows"],
+            rows=plan.rows,
             done=done,
             succeeded=counts["succeeded"],
             failed=counts["failed"],
             failed_by_class=counts["failed_by_class"],
             skipped=counts["skipped"],
-            pending=plan["rows"] - done,
+            pending=plan.rows - done,
             saved_in_partials=state.partial_rows(),
         )
     out["running"] = state.holders()
@@ -236,6 +233,3 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def segment_sizes(rows: int, seg_rows: int) -> dict[int, int]:
-    n = math.ceil(rows / seg_rows)
-    return {k: min(seg_rows, rows - k * seg_rows) for k in range(n)}

@@ -14,7 +14,7 @@ from typing import Any
 from . import fingerprint as fingerprints
 from . import source
 from .checkpoint import DamagedStateError, RunState, SegmentInfo
-from .config import BUILTIN, JobSpec, load_job
+from .config import BUILTIN, JobSpec
 from .engine import Engine, Progress, StopSignals
 from .errors import (
     BatchrunError,
@@ -26,9 +26,10 @@ from .errors import (
     StorageError,
 )
 from .incremental import carry_forward
-from .inputcheck import check_sample
+from .inputcheck import check_sample, open_job, with_input
 from .localfs import crashpoint, write_json_atomic
 from .memory import release_free_memory
+from .plan import Plan
 from .preflight import (
     check_output_owned,
     check_output_path,
@@ -44,7 +45,6 @@ from .report import (
     failure_status,
     now,
     saved_counts,
-    segment_sizes,
     set_counts,
     success_path,
     summary_path,
@@ -76,7 +76,7 @@ def run_job(
     service) use ``await arun_job(...)``.
     """
     _refuse_running_loop("run_job")
-    spec = with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
+    spec = with_overwrite(_opened(job), overwrite)
     part = Shard.parse(shard) if isinstance(shard, str) else shard
     if restart and part is not None:
         raise JobError("--restart discards the progress of every shard; run it once without --shard")
@@ -130,6 +130,11 @@ async def arun_job(
     )
 
 
+def _opened(job: JobSpec | str | Path) -> JobSpec:
+    """The job with its input looked at: every run, merge and validation starts here."""
+    return with_input(job) if isinstance(job, JobSpec) else open_job(job)
+
+
 def _refuse_running_loop(name: str) -> None:
     try:
         asyncio.get_running_loop()
@@ -159,7 +164,7 @@ def _run_engine(engine: Engine, signals: StopSignals | None) -> None:
 
 def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSummary:
     """Write the single output from every shard's segments; refuse while a shard is unfinished."""
-    spec = with_overwrite(job if isinstance(job, JobSpec) else load_job(job), overwrite)
+    spec = with_overwrite(_opened(job), overwrite)
     check_output_path(spec)
     state = RunState(spec.state_dir)
     summary = RunSummary(
@@ -170,8 +175,8 @@ def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSumma
     plan = state.read_plan()
     if plan is None:
         raise NotReadyError(f"nothing to merge: no shard of {spec.job_path} has run yet")
-    summary.total_rows = plan["rows"]
-    sizes = segment_sizes(plan["rows"], int(plan["segment_rows"]))
+    summary.total_rows = plan.rows
+    sizes = plan.sizes()
     infos = state.scan_segments(sizes)
     _refuse_unfinished(state, sizes, infos)
     with state.lock("merge.lock"):
@@ -201,9 +206,9 @@ def _run_locked(
         state.clear_leftovers(spec.output_path)
         plan = _plan(spec, state, allow_incremental=part is None)
         check_output_owned(spec, state)
-    summary.total_rows = plan["rows"]
-    summary.incremental = plan.get("incremental", {})
-    sizes = segment_sizes(plan["rows"], int(plan["segment_rows"]))
+    summary.total_rows = plan.rows
+    summary.incremental = plan.incremental or {}
+    sizes = plan.sizes()
     mine = [k for k in sizes if part is None or part.owns(k)]
     # A checkpoint file found damaged while the output is written is removed and its rows
     # redone; a second pass normally suffices, a third means the disk itself is failing.
@@ -248,7 +253,7 @@ def _run_locked(
     raise StateError(f"checkpoint files in {state.root} keep reading back damaged; check the disk")
 
 
-def _finish(spec: JobSpec, state: RunState, plan: dict[str, Any], summary: RunSummary, sizes: dict[int, int]) -> None:
+def _finish(spec: JobSpec, state: RunState, plan: Plan, summary: RunSummary, sizes: dict[int, int]) -> None:
     """Write the output from the committed segments; then the finish marker and success marker."""
     infos = state.scan_segments(sizes)
     check_output_owned(spec, state)  # a file may have appeared there meanwhile
@@ -330,7 +335,7 @@ def _account(summary: RunSummary, engine: Engine) -> None:
     summary.rows_answered_this_run += engine.answered
 
 
-def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> dict[str, Any]:
+def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> Plan:
     """Load the pinned plan, or make and pin a new one.
 
     A changed input or changed settings are refused, saying what changed, except one case: with
@@ -348,7 +353,7 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
             if seen.refreshed is not None:
                 # Same bytes under a new mtime (a copy, a touch): record it, so the next run
                 # trusts the file by its metadata instead of hashing it again.
-                plan = {**plan, "fingerprint": seen.refreshed}
+                plan = plan.with_fingerprint(seen.refreshed)
                 state.write_plan(plan)
             return plan
     elif state.has_progress() or state.carry_path.exists():
@@ -368,15 +373,10 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
             incremental["reused"], incremental["changed"], incremental["new"],
         )
     crashpoint("plan:carried")
-    new_plan: dict[str, Any] = {
-        "rows": rows,
-        "segment_rows": spec.run.checkpoint_rows,
-        "fingerprint": fingerprint,
-        "settings": settings,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if incremental is not None:
-        new_plan["incremental"] = incremental
+    new_plan = Plan(
+        rows=rows, segment_rows=spec.run.checkpoint_rows, fingerprint=fingerprint, settings=settings,
+        created_at=now(), incremental=incremental,
+    )
     state.write_plan(new_plan)
     written = state.read_plan()
     assert written is not None

@@ -18,6 +18,7 @@ from .checkpoint import EMPTY_PROMPT, RunState, SegmentInfo
 from .echoed import merge_kind
 from .errors import StateError
 from .localfs import atomic_path
+from .plan import Plan
 
 if TYPE_CHECKING:
     from .config import JobSpec
@@ -73,7 +74,7 @@ def _typed_params(column: pa.ChunkedArray, struct: pa.StructType) -> pa.Array:
 
 
 def write_output(
-    spec: JobSpec, state: RunState, plan: dict[str, Any], infos: dict[int, SegmentInfo]
+    spec: JobSpec, state: RunState, plan: Plan, infos: dict[int, SegmentInfo]
 ) -> OutputStats:
     """Join the input with the committed segments, segment by segment, into ``spec.output_path``.
 
@@ -81,7 +82,7 @@ def write_output(
     to, so an output can never be written onto a row it was not answered for. The counts come
     from the segments' footers (``infos``), which were written with their rows.
     """
-    seg_rows = int(plan["segment_rows"])
+    seg_rows = plan.segment_rows
     types: dict[str, str] = {}
     for info in infos.values():
         for key, kind in info.params_types.items():
@@ -123,8 +124,8 @@ def write_output(
         identity = output_identity(tmp)
         assert identity is not None
         state.record_output(identity)
-    if stats.rows != plan["rows"]:
-        raise StateError(f"the input now has {stats.rows} rows, the plan {plan['rows']}")
+    if stats.rows != plan.rows:
+        raise StateError(f"the input now has {stats.rows} rows, the plan {plan.rows}")
     stats.succeeded = stats.rows - stats.failed - stats.skipped
     return stats
 

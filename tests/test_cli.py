@@ -31,7 +31,7 @@ from endpoint import LiveEndpoint
 
 from batchrun import server
 from batchrun.checkpoint import RunState
-from batchrun.config import load_job
+from batchrun.inputcheck import open_job
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHRUN = Path(sys.executable).with_name("batchrun")
@@ -226,7 +226,7 @@ def test_a_second_run_of_a_job_already_running_exits_75_naming_the_holder(
     tmp_path: Path, endpoint: LiveEndpoint
 ) -> None:
     job, _ = small_job(tmp_path, endpoint.url)
-    spec = load_job(job)
+    spec = open_job(job)
     with RunState(spec.state_dir).lock():
         result = invoke(job)
     assert result.exit_code == 75

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import invoke, prompt_rows, write_csv, write_job
 
-from batchrun.config import RESULT_COLUMNS, load_job
+from batchrun.inputcheck import RESULT_COLUMNS, open_job
 from batchrun.errors import JobError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,9 +30,9 @@ def folder(tmp_path: Path) -> Path:
 
 
 def problems_of(job: Path | str) -> list[str]:
-    """The problems ``load_job`` reports for ``job`` (which must be refused)."""
+    """The problems ``open_job`` (the job file and its input) reports for ``job`` (which must be refused)."""
     with pytest.raises(JobError) as info:
-        load_job(job)
+        open_job(job)
     assert str(info.value) == "\n".join(info.value.problems)
     return info.value.problems
 
@@ -49,7 +49,7 @@ def test_example_job_loads_with_every_path_resolved_against_the_jobs_folder(
 ) -> None:
     """jobs/example.toml, loaded from an unrelated working directory, names the repo's files."""
     monkeypatch.chdir(tmp_path)
-    spec = load_job(REPO / "jobs" / "example.toml")
+    spec = open_job(REPO / "jobs" / "example.toml")
     assert spec.job_path == REPO / "jobs" / "example.toml"
     assert spec.input_files == (REPO / "sample_data" / "capitals.csv",)
     assert spec.input_format == "csv"
@@ -76,7 +76,7 @@ def test_relative_paths_resolve_against_the_job_file_not_the_working_directory(
     )
     monkeypatch.chdir(tmp_path / "elsewhere")
     for given in (job, Path("../jobs/job.toml")):
-        spec = load_job(given)
+        spec = open_job(given)
         assert spec.job_path == job
         assert spec.input_files == (tmp_path / "data" / "input.csv",)
         assert spec.output_path == tmp_path / "out" / "r.parquet"
@@ -87,7 +87,7 @@ def test_state_dir_is_resolved_against_the_job_file_when_set(folder: Path) -> No
     job = job_with(folder)
     text = job.read_text().replace('path = "out/result.parquet"', 'path = "out/result.parquet"\nstate_dir = "state/here"')
     job.write_text(text)
-    assert load_job(job).state_dir == folder / "state" / "here"
+    assert open_job(job).state_dir == folder / "state" / "here"
 
 
 @pytest.mark.parametrize(
@@ -99,18 +99,18 @@ def test_state_dir_is_resolved_against_the_job_file_when_set(folder: Path) -> No
     ],
 )
 def test_model_name_drops_only_the_leading_custom_prefix(folder: Path, model: str, sent: str) -> None:
-    spec = load_job(job_with(folder, endpoint={"model": model}))
+    spec = open_job(job_with(folder, endpoint={"model": model}))
     assert spec.model == model
     assert spec.model_name == sent
 
 
 def test_params_left_out_are_not_sent(folder: Path) -> None:
-    spec = load_job(job_with(folder, params={"max_tokens": 5}))
+    spec = open_job(job_with(folder, params={"max_tokens": 5}))
     assert spec.params == {"max_tokens": 5}
 
 
 def test_template_fields_become_the_prompt_columns(folder: Path) -> None:
-    spec = load_job(
+    spec = open_job(
         job_with(folder, input={"prompt_column": None, "template": "About {topic}:\n{prompt} ({topic})"})
     )
     assert spec.prompt_column is None
@@ -123,7 +123,7 @@ def test_api_key_env_naming_a_variable_is_accepted_without_the_variable_being_se
 ) -> None:
     """Loading is pure: whether the variable is set is checked when the job runs or is validated."""
     monkeypatch.delenv("BATCHRUN_TEST_KEY", raising=False)
-    spec = load_job(job_with(folder, endpoint={"api_key_env": "BATCHRUN_TEST_KEY"}))
+    spec = open_job(job_with(folder, endpoint={"api_key_env": "BATCHRUN_TEST_KEY"}))
     assert spec.api_key_env == "BATCHRUN_TEST_KEY"
 
 
@@ -137,12 +137,12 @@ def test_api_key_env_naming_a_variable_is_accepted_without_the_variable_being_se
     ],
 )
 def test_https_anywhere_and_plain_http_on_loopback_are_accepted(folder: Path, api_base: str) -> None:
-    assert load_job(write_job(folder, api_base)).api_base == api_base
+    assert open_job(write_job(folder, api_base)).api_base == api_base
 
 
 def test_plain_http_to_another_host_is_accepted_with_allow_insecure_http(folder: Path) -> None:
     job = write_job(folder, "http://10.1.2.3:8000/inference", endpoint={"allow_insecure_http": True})
-    assert load_job(job).api_base == "http://10.1.2.3:8000/inference"
+    assert open_job(job).api_base == "http://10.1.2.3:8000/inference"
 
 
 # -- the job file itself ------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_input_column_clashing_with_an_added_column_is_refused(tmp_path: Path, c
 
 def test_parquet_input_is_recognised_by_its_extension(tmp_path: Path) -> None:
     pl.DataFrame(prompt_rows(3)).write_parquet(tmp_path / "input.parquet")
-    spec = load_job(job_with(tmp_path, input_path="input.parquet"))
+    spec = open_job(job_with(tmp_path, input_path="input.parquet"))
     assert spec.input_format == "parquet"
     assert spec.input_files == (tmp_path / "input.parquet",)
     assert spec.columns == ("id", "topic", "prompt")
@@ -369,7 +369,7 @@ def test_glob_over_two_csv_files_takes_both_in_name_order(tmp_path: Path) -> Non
     (tmp_path / "data").mkdir()
     write_csv(tmp_path / "data" / "part-2.csv", prompt_rows(2, start=2))
     write_csv(tmp_path / "data" / "part-1.csv", prompt_rows(2))
-    spec = load_job(job_with(tmp_path, input_path="data/part-*.csv"))
+    spec = open_job(job_with(tmp_path, input_path="data/part-*.csv"))
     assert spec.input_pattern == "data/part-*.csv"
     assert spec.input_files == (tmp_path / "data" / "part-1.csv", tmp_path / "data" / "part-2.csv")
     assert spec.input_format == "csv"
@@ -390,7 +390,7 @@ def test_glob_over_files_with_different_columns_is_refused(tmp_path: Path) -> No
 def test_csv_with_a_utf8_bom_has_clean_column_names(tmp_path: Path) -> None:
     """Excel writes a BOM before the header; it must not become part of the first column's name."""
     (tmp_path / "input.csv").write_bytes(b"\xef\xbb\xbfid,prompt\r\nr1,hello\r\nr2,world\r\n")
-    spec = load_job(job_with(tmp_path, input={"prompt_column": "prompt", "id_column": "id"}))
+    spec = open_job(job_with(tmp_path, input={"prompt_column": "prompt", "id_column": "id"}))
     assert spec.columns == ("id", "prompt")
     assert spec.id_column == "id"
 
@@ -400,7 +400,7 @@ def test_a_header_that_is_not_utf8_is_refused_but_a_bad_byte_in_a_row_is_left_to
     job = job_with(tmp_path, input={"prompt_column": "prompt", "id_column": "id"})
     assert problems_of(job) == [f"{job}: input.path: input.csv: the header is not UTF-8 text"]
     (tmp_path / "input.csv").write_bytes(b"id,prompt\nr1,hel\xfflo\n")
-    assert load_job(job).columns == ("id", "prompt")
+    assert open_job(job).columns == ("id", "prompt")
 
 
 def refusal(job: Path) -> list[str]:
@@ -518,9 +518,9 @@ def test_an_id_column_of_a_type_that_cannot_be_an_id_is_refused_at_load(
 )
 def test_a_prompt_or_template_column_of_text_or_numbers_is_accepted(tmp_path: Path, column: pa.Array) -> None:
     parquet_with(tmp_path, column)
-    assert load_job(job_with(tmp_path, input_path="input.parquet", input={"prompt_column": "odd"})).prompt_column == "odd"
+    assert open_job(job_with(tmp_path, input_path="input.parquet", input={"prompt_column": "odd"})).prompt_column == "odd"
     template = {"prompt_column": None, "template": "{odd}"}
-    assert load_job(job_with(tmp_path, input_path="input.parquet", input=template)).template_fields == ("odd",)
+    assert open_job(job_with(tmp_path, input_path="input.parquet", input=template)).template_fields == ("odd",)
 
 
 @pytest.mark.parametrize(
@@ -530,7 +530,7 @@ def test_a_prompt_or_template_column_of_text_or_numbers_is_accepted(tmp_path: Pa
 )
 def test_an_id_column_of_integers_dates_or_text_is_accepted(tmp_path: Path, column: pa.Array) -> None:
     parquet_with(tmp_path, column)
-    assert load_job(job_with(tmp_path, input_path="input.parquet", input={"id_column": "odd"})).id_column == "odd"
+    assert open_job(job_with(tmp_path, input_path="input.parquet", input={"id_column": "odd"})).id_column == "odd"
 
 
 def test_column_type_problems_are_reported_with_every_other_problem(tmp_path: Path) -> None:
@@ -554,7 +554,7 @@ def test_output_path_must_be_parquet(folder: Path) -> None:
 def test_a_literal_key_in_the_job_is_refused_without_echoing_it(folder: Path, key: str) -> None:
     job = job_with(folder, endpoint={key: CANARY})
     with pytest.raises(JobError) as info:
-        load_job(job)
+        open_job(job)
     assert info.value.problems == [
         f"{job}: endpoint.{key}: a key never sits in a job file; put it in an environment variable "
         "and name that variable with endpoint.api_key_env"
@@ -613,5 +613,35 @@ def test_the_example_jobs_in_the_repo_are_valid(tmp_path: Path) -> None:
     shutil.copytree(REPO / "jobs", tmp_path / "jobs")
     shutil.copytree(REPO / "sample_data", tmp_path / "sample_data")
     for job in sorted((tmp_path / "jobs").glob("*.toml")):
-        spec = load_job(job)
+        spec = open_job(job)
         assert spec.input_files == (tmp_path / "sample_data" / "capitals.csv",), job
+
+
+# -- reading the job file is not looking at the input -------------------------------------------
+
+
+def test_load_job_reads_the_job_file_only_and_the_planning_step_looks_at_the_input(tmp_path: Path) -> None:
+    """``load_job`` never opens the input (it may not exist yet, or live elsewhere); the planning
+    step (``open_job``, ``with_input``) finds its files and columns and reports its problems."""
+    from batchrun.config import load_job
+    from batchrun.inputcheck import with_input
+
+    job = job_with(tmp_path, input_path="later/*.csv")
+    spec = load_job(job)
+    assert spec.input is None and spec.input_pattern == "later/*.csv"
+    with pytest.raises(RuntimeError, match="not been looked at"):
+        _ = spec.input_files
+    with pytest.raises(JobError, match=r"input.path: no file matches 'later/\*.csv'"):
+        with_input(spec)
+    (tmp_path / "later").mkdir()
+    write_csv(tmp_path / "later" / "a.csv", prompt_rows(2))
+    scanned = with_input(spec)
+    assert scanned.input_files == (tmp_path / "later" / "a.csv",) and scanned.columns == ("id", "topic", "prompt")
+    assert with_input(scanned) is scanned
+
+
+def test_job_file_and_input_problems_are_reported_together(tmp_path: Path) -> None:
+    job = job_with(tmp_path, input_path="missing.csv", run={"batch_size": 0})
+    problems = problems_of(job)
+    assert any("run.batch_size: must be >= 1" in p for p in problems)
+    assert any("input.path: input file not found" in p for p in problems)

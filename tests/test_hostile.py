@@ -24,7 +24,7 @@ from test_inputs import damage, with_bad_utf8
 
 from batchrun import run_job
 from batchrun.checkpoint import RunState
-from batchrun.config import load_job
+from batchrun.inputcheck import open_job
 
 BATCHRUN = Path(sys.executable).with_name("batchrun")
 
@@ -123,7 +123,7 @@ def run_once_already(folder: Path, url: str) -> list[Any]:
 
 def locked(folder: Path, url: str) -> list[Any]:
     job = job_csv()(folder, url)[0]
-    spec = load_job(job)
+    spec = open_job(job)
     state = RunState(spec.state_dir)
     holder = state.lock()
     holder.__enter__()

@@ -19,7 +19,7 @@ from conftest import assert_exact, invoke, prompt_rows, state_of, write_csv, wri
 from endpoint import LiveEndpoint
 
 from batchrun import inputcheck
-from batchrun.config import load_job
+from batchrun.inputcheck import open_job
 from batchrun.errors import JobError
 
 
@@ -207,7 +207,7 @@ def test_a_glob_whose_files_disagree_only_on_nullability_is_answered_exactly(
 def test_check_sample_reads_only_the_first_row_group_of_each_parquet_file(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "input.parquet", rows_table(3000), row_group_size=1000)
     damage(path, 1, "prompt")
-    spec = load_job(write_job(tmp_path, "builtin", input_path="input.parquet"))
+    spec = open_job(write_job(tmp_path, "builtin", input_path="input.parquet"))
     inputcheck.check_sample(spec)  # the damage lies past the sample
     write_parquet(path, rows_table(3000), row_group_size=1000)
     damage(path, 0, "id")
@@ -220,7 +220,7 @@ def test_check_sample_reads_only_the_first_block_of_each_csv_file(tmp_path: Path
     write_csv(tmp_path / "input.csv", rows)
     raw = (tmp_path / "input.csv").read_bytes()
     (tmp_path / "input.csv").write_bytes(raw.replace(b"Prompt number 19000:", b"Prompt \xff\xfe 19000:"))
-    spec = load_job(write_job(tmp_path, "builtin"))
+    spec = open_job(write_job(tmp_path, "builtin"))
     inputcheck.check_sample(spec)  # the bad byte lies past the first block
     (tmp_path / "input.csv").write_bytes(raw.replace(b"Prompt number 7:", b"Prompt \xff\xfe 7:"))
     with pytest.raises(JobError, match=r"^cannot read input\.csv as csv: .*UTF8"):

@@ -41,7 +41,7 @@ from conftest import (
 from endpoint import LiveEndpoint
 
 from batchrun.checkpoint import RunState
-from batchrun.config import load_job
+from batchrun.inputcheck import open_job
 from batchrun.server import ServerOptions
 
 BATCHRUN = Path(sys.executable).with_name("batchrun")
@@ -246,7 +246,7 @@ def test_exit_75_while_another_process_holds_the_job_or_shard_lock(
 ) -> None:
     with LiveEndpoint() as ep:
         job, _ = small_job(tmp_path, ep.url, n=40, run={"checkpoint_rows": 5})
-        spec = load_job(job)
+        spec = open_job(job)
         args = ["--shard", shard] if shard else []
         with RunState(spec.state_dir).lock(lock):
             result = invoke(job, *args)
@@ -453,7 +453,7 @@ def test_status_of_an_interrupted_run_shows_pending_rows_and_agrees_with_its_sum
 
 def test_status_names_the_processes_holding_the_job_and_shard_locks(tmp_path: Path) -> None:
     job, _ = small_job(tmp_path, "http://127.0.0.1:9/inference")
-    state = RunState(load_job(job).state_dir)
+    state = RunState(open_job(job).state_dir)
     with state.lock(), state.lock("lock.shard-2-of-4"):
         status = status_json(job)
         text = invoke("status", job).stdout
