@@ -21,19 +21,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .echoed import params_types
 from .errors import BusyError
 from .localfs import (
     STORAGE_ERRNOS,
@@ -46,98 +43,7 @@ from .localfs import (
     writer_gone,
 )
 from .plan import Plan
-
-# 2: the fingerprint holds each file's whole-content sha256 (1: sample_sha256, see fingerprint.py).
-RESULT_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("prompt_hash", pa.int64()),
-        ("id", pa.string()),
-        ("output", pa.list_(pa.string())),
-        ("params", pa.string()),  # JSON as the endpoint echoed it; typed when the output is written
-        ("error", pa.string()),
-        ("attempts", pa.int32()),
-        ("latency_s", pa.float64()),
-    ]
-)
-# Errors of the storage, not of batchrun: a full or read-only disk, a quota, a folder not ours.
-# The error class of a row whose prompt is empty: skipped, not sent, not failed.
-EMPTY_PROMPT = "empty_prompt"
-@dataclass(frozen=True)
-class SegmentInfo:
-    """What a committed segment's footer says of it."""
-
-    rows: int
-    failed: int  # rows with an error, skipped ones included (as the footer has always said)
-    retryable: int  # failed rows a rerun sends again (all but empty prompts)
-    params_types: dict[str, str] = field(default_factory=dict)
-    failed_by_class: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, table: pa.Table, failed_by_class: dict[str, int]) -> SegmentInfo:
-        """A complete segment's info, from its results and its failed rows counted by class."""
-        failed = sum(failed_by_class.values())
-        return cls(
-            rows=table.num_rows,
-            failed=failed,
-            retryable=failed - failed_by_class.get(EMPTY_PROMPT, 0),
-            params_types=params_types(table.column("params").unique().to_pylist()),
-            failed_by_class=failed_by_class,
-        )
-
-    @property
-    def skipped(self) -> int:
-        """Rows not sent because their prompt is empty: neither succeeded nor failed."""
-        return self.failed_by_class.get(EMPTY_PROMPT, 0)
-
-    def metadata(self, k: int) -> dict[str, str]:
-        return {
-            "batchrun.segment": str(k),
-            "batchrun.failed": str(self.failed),
-            "batchrun.retryable": str(self.retryable),
-            "batchrun.params_types": json.dumps(self.params_types, sort_keys=True),
-            "batchrun.failed_by_class": json.dumps(self.failed_by_class, sort_keys=True),
-        }
-
-
-@dataclass(frozen=True)
-class SegmentFile:
-    """A segment's file name, made and parsed here and nowhere else.
-
-    ``seg-00000042.parquet`` (committed results, ``segments/``), ``seg-00000042.<run>.parquet``
-    (a partial checkpoint of run ``<run>``, ``partial/``), ``seg-00000042.sent`` (``journal/``).
-    """
-
-    k: int
-    run: str | None = None
-    kind: Literal["parquet", "sent"] = "parquet"
-
-    @classmethod
-    def parse(cls, name: str) -> SegmentFile | None:
-        """The file a name stands for; None for any other name."""
-        m = _SEGMENT_NAME.fullmatch(name)
-        if m is None:
-            return None
-        kind: Literal["parquet", "sent"] = "sent" if m[3] == "sent" else "parquet"
-        return cls(int(m[1]), m[2], kind)
-
-    @property
-    def name(self) -> str:
-        return f"seg-{self.k:08d}" + (f".{self.run}" if self.run else "") + f".{self.kind}"
-
-    @staticmethod
-    def partials_of(k: int) -> str:
-        """The glob of segment ``k``'s partial files."""
-        return f"seg-{k:08d}.*.parquet"
-
-
-_SEGMENT_NAME = re.compile(r"seg-(\d{8,})(?:\.([A-Za-z0-9_-]+))?\.(parquet|sent)")
-# Every file of the three folders; SegmentFile.parse tells which belongs to which segment.
-_ANY_SEGMENT = "seg-*"
-
-
-def read_checked(path: Path) -> pa.Table:
-    return pq.read_table(path, schema=RESULT_SCHEMA, page_checksum_verification=True)
+from .segments import ANY_SEGMENT, RESULT_SCHEMA, SegmentFile, SegmentInfo, read_checked
 
 
 class DamagedStateError(Exception):
@@ -267,6 +173,26 @@ class RunState:
     def drop_carry(self) -> None:
         self.carry_path.unlink(missing_ok=True)
 
+    def has_carry(self) -> bool:
+        return self.carry_path.exists()
+
+    def carry_metadata(self) -> dict[bytes, bytes] | None:
+        """The carry file's footer metadata when it reads back whole; None if none or damaged."""
+        try:
+            meta = pq.read_schema(self.carry_path).metadata or {}
+            pq.read_table(self.carry_path, columns=["id"], page_checksum_verification=True)
+        except (OSError, pa.ArrowException):
+            return None
+        return dict(meta)
+
+    def write_carry(self, table: pa.Table) -> None:
+        with atomic_path(self.carry_path, "carry") as tmp:
+            pq.write_table(table, tmp, compression="zstd", write_page_checksum=True, row_group_size=16384)
+
+    def scratch_path(self, name: str) -> Path:
+        """A local file for a step's working data, cleared with the leftovers of a crashed run."""
+        return self.root / f".{name}"
+
     def clear_leftovers(self, output: Path) -> None:
         """Remove what a crashed run can leave: ``.tmp-`` files (never visible under a final
         name), and partial files and journals of segments committed since they were written."""
@@ -274,7 +200,7 @@ class RunState:
             (self.root, ".*.tmp-*"),
             (self.segments_dir, ".*.tmp-*"),
             (self.partial_dir, ".*.tmp-*"),
-            (self.root, ".incoming.parquet"),
+            (self.root, ".incoming.parquet"),  # incremental.py's scratch_path("incoming.parquet")
             # the output, and the summaries and success marker beside it
             (output.parent, f".{output.name}*.tmp-*"),
         ):
@@ -292,13 +218,17 @@ class RunState:
     def has_progress(self) -> bool:
         return any(self._files(self.segments_dir)) or any(self._files(self.partial_dir))
 
-    def result_files(self) -> list[Path]:
-        """Every file holding results: committed segments, then partials, each in name order."""
-        return [f for folder in (self.segments_dir, self.partial_dir) for f, _ in sorted(self._files(folder))]
+    def result_files(self, *, with_carry: bool = False) -> list[Path]:
+        """Every file holding results: committed segments, then partials, each in name order
+        (then, ``with_carry``, the answers carried from a previous input)."""
+        files = [f for folder in (self.segments_dir, self.partial_dir) for f, _ in sorted(self._files(folder))]
+        if with_carry and self.carry_path.exists():
+            files.append(self.carry_path)
+        return files
 
     def _files(self, folder: Path) -> Iterator[tuple[Path, SegmentFile]]:
         """The segment files of one of the run directory's folders, each with its parsed name."""
-        for f in folder.glob(_ANY_SEGMENT):
+        for f in folder.glob(ANY_SEGMENT):
             name = SegmentFile.parse(f.name)
             if name is not None:
                 yield f, name

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .errors import JobError
 
+if TYPE_CHECKING:
+    from .storage import InputStore
+
 FIRST_BLOCK_BYTES = 256 << 10
 
 
-def header(path: Path) -> list[str]:
+def header(store: InputStore, path: Path) -> list[str]:
     """A CSV file's column names, from its header row."""
     # surrogateescape: the file is decoded ahead of the header line, and a bad byte further on
     # is the rows' problem (reported with them when they are read), not the header's.
     try:
-        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        with io.TextIOWrapper(store.open(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             names = next(csv.reader(fh), [])
     except csv.Error as exc:
         raise JobError(f"{path.name}: cannot parse the CSV header: {exc}") from None
@@ -34,12 +39,14 @@ def header(path: Path) -> list[str]:
     return names
 
 
-def _open(path: Path, columns: Sequence[str] | None, block_bytes: int) -> pacsv.CSVStreamingReader:
+def _open(
+    store: InputStore, path: Path, columns: Sequence[str] | None, block_bytes: int
+) -> pacsv.CSVStreamingReader:
     # Every CSV column is read as text: a type guessed from the first block can turn out wrong
     # millions of rows later, and CSV carries text anyway. Nothing is lost; nothing is guessed.
-    names = header(path)
+    names = header(store, path)
     return pacsv.open_csv(
-        path,
+        store.open(path),
         read_options=pacsv.ReadOptions(block_size=block_bytes),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
@@ -51,7 +58,9 @@ def _open(path: Path, columns: Sequence[str] | None, block_bytes: int) -> pacsv.
     )
 
 
-def batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Generator[pa.RecordBatch, None, None]:
+def batches(
+    store: InputStore, path: Path, columns: Sequence[str] | None, max_block: int
+) -> Generator[pa.RecordBatch, None, None]:
     """A CSV file's batches, read in small blocks, grown only for an input whose rows need it.
 
     pyarrow's streaming reader reads ahead 32 blocks in the background, so memory grows with
@@ -66,7 +75,7 @@ def batches(path: Path, columns: Sequence[str] | None, max_block: int) -> Genera
         skip = done
         try:
             # Opening reads the first block: a first row longer than it fails here already.
-            reader = _open(path, columns, block)
+            reader = _open(store, path, columns, block)
             for batch in reader:
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows

@@ -19,7 +19,6 @@ import pyarrow as pa
 
 from . import source
 from .admission import FixedAdmission
-from .checkpoint import EMPTY_PROMPT, RESULT_SCHEMA, RunState, SegmentInfo
 from .client import Accounting, EndpointClient, RowOutcome, make_session
 from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
@@ -27,6 +26,8 @@ from .localfs import crashpoint
 from .plan import Plan
 from .protocol import Answer, CustomCodec
 from .retry import RetryPolicy
+from .segments import EMPTY_PROMPT, RESULT_SCHEMA, SegmentInfo
+from .storage import ProgressStore
 
 log = logging.getLogger("batchrun")
 
@@ -151,7 +152,7 @@ class Engine:
     def __init__(
         self,
         spec: JobSpec,
-        state: RunState,
+        state: ProgressStore,
         plan: Plan,
         infos: dict[int, SegmentInfo],
         todo: list[int],

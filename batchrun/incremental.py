@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import source
-from .checkpoint import RESULT_SCHEMA, RunState
-from .localfs import atomic_path
+from .segments import RESULT_SCHEMA
 
 if TYPE_CHECKING:
     from .config import JobSpec
+    from .storage import ProgressStore
 
 
-def carry_forward(spec: JobSpec, state: RunState, input_identity: object) -> dict[str, int]:
+def carry_forward(spec: JobSpec, state: ProgressStore, input_identity: object) -> dict[str, int]:
     """Write ``carry.parquet`` for the new input, drop the old progress, return the counts.
 
     The carry file records the input it was made for and its counts: a run that crashed after
@@ -43,22 +43,19 @@ def carry_forward(spec: JobSpec, state: RunState, input_identity: object) -> dic
     return counts
 
 
-def _carry_counts(state: RunState, made_for: str) -> dict[str, int] | None:
+def _carry_counts(state: ProgressStore, made_for: str) -> dict[str, int] | None:
     """The counts of a carry file already made for this very input, if there is one."""
-    try:
-        meta = pq.read_schema(state.carry_path).metadata or {}
-    except (OSError, pa.ArrowException):
-        return None
-    if meta.get(b"batchrun.carry_for", b"").decode() != made_for or not _readable(state.carry_path):
+    meta = state.carry_metadata()
+    if meta is None or meta.get(b"batchrun.carry_for", b"").decode() != made_for:
         return None
     counts: dict[str, int] = json.loads(meta[b"batchrun.carry_counts"])
     return counts
 
 
-def _join_previous(spec: JobSpec, state: RunState, made_for: str) -> dict[str, int]:
-    incoming = state.root / ".incoming.parquet"
+def _join_previous(spec: JobSpec, state: ProgressStore, made_for: str) -> dict[str, int]:
+    incoming = state.scratch_path("incoming.parquet")
     rows = _write_incoming(spec, incoming)
-    previous = [f for f in _previous_files(state) if _readable(f)]
+    previous = [f for f in state.result_files(with_carry=True) if _readable(f)]
     if previous:
         prev = (
             pl.scan_parquet(previous, schema=pl.DataFrame(RESULT_SCHEMA.empty_table()).schema)
@@ -87,8 +84,7 @@ def _join_previous(spec: JobSpec, state: RunState, made_for: str) -> dict[str, i
     carried = carried.replace_schema_metadata(
         {"batchrun.carry_for": made_for, "batchrun.carry_counts": json.dumps(counts)}
     )
-    with atomic_path(state.carry_path, "carry") as tmp:
-        pq.write_table(carried, tmp, compression="zstd", write_page_checksum=True, row_group_size=16384)
+    state.write_carry(carried)
     incoming.unlink(missing_ok=True)
     return counts
 
@@ -115,13 +111,6 @@ def _write_incoming(spec: JobSpec, path: Path) -> int:
             )
             row += n
     return row
-
-
-def _previous_files(state: RunState) -> list[Path]:
-    files = state.result_files()
-    if state.carry_path.exists():
-        files.append(state.carry_path)
-    return files
 
 
 def _readable(path: Path) -> bool:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from . import csvinput, source
 from .errors import JobError
+from .storage import InputStore, input_store
 
 if TYPE_CHECKING:
     from .config import InputFiles, InputSection, JobSpec
@@ -58,7 +59,7 @@ def scan_input(
     try:
         files = tuple(source.resolve_input(inp.path, base))
         fmt: Literal["csv", "parquet"] = inp.format or source.detect_format(files)
-        schema = read_schema(files, fmt)
+        schema = read_schema(files, fmt, input_store(inp.path))
     except JobError as exc:
         return None, [f"input.path: {p}" for p in exc.problems]
     columns = tuple(schema.names)
@@ -88,13 +89,13 @@ def _near_column(name: str, columns: tuple[str, ...]) -> str:
     return f"; did you mean '{by_lower[near[0]]}'?" if near else ""
 
 
-def read_schema(files: Sequence[Path], fmt: str) -> pa.Schema:
+def read_schema(files: Sequence[Path], fmt: str, store: InputStore) -> pa.Schema:
     """The input's columns and their types (CSV: all text); every file of a glob must have the
     same columns, in order, of the same types (Arrow cannot join a column of two types)."""
     first: pa.Schema | None = None
     problems = []
     for f in files:
-        schema = _file_schema(f, fmt)
+        schema = _file_schema(store, f, fmt)
         if first is None:
             first = schema
         elif schema.names != first.names:
@@ -118,11 +119,12 @@ def read_schema(files: Sequence[Path], fmt: str) -> pa.Schema:
     return first if first is not None else pa.schema([])
 
 
-def _file_schema(path: Path, fmt: str) -> pa.Schema:
+def _file_schema(store: InputStore, path: Path, fmt: str) -> pa.Schema:
     if fmt == "csv":
-        return pa.schema([(name, pa.string()) for name in csvinput.header(path)])
+        return pa.schema([(name, pa.string()) for name in csvinput.header(store, path)])
     try:
-        return pq.read_schema(path)
+        with store.open(path) as fh:
+            return pq.read_schema(fh)
     except (pa.ArrowException, OSError) as exc:
         raise JobError(f"cannot read {path.name} as parquet: {source.one_line(exc)}") from None
 

@@ -15,19 +15,16 @@ import fnmatch
 import glob
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import fingerprint as fingerprints
 from . import source
-from .checkpoint import RunState
-from .errors import JobError, StateError, StorageError
+from .errors import JobError, StateError
 from .inputcheck import check_sample
-from .localfs import storage_error
 from .plan import Plan
-from .sink import output_identity
+from .storage import ProgressStore, input_store, output_store, progress_store
 
 if TYPE_CHECKING:
     from .config import JobSpec
@@ -76,9 +73,9 @@ def check_output_path(spec: JobSpec) -> None:
         )
 
 
-def check_output_owned(spec: JobSpec, state: RunState) -> None:
+def check_output_owned(spec: JobSpec, state: ProgressStore) -> None:
     """Refuse a file at the output path that this job did not write, unless told to replace it."""
-    found = output_identity(spec.output_path)
+    found = output_store(spec).identity(spec.output_path)
     if found is None or spec.overwrite_output or state.wrote_output(found):
         return
     raise JobError(
@@ -89,26 +86,9 @@ def check_output_owned(spec: JobSpec, state: RunState) -> None:
 
 
 def check_output_writable(spec: JobSpec, *, create: bool) -> None:
-    """The output folder exists (``create``: is made) and takes files; ``StorageError`` (74) if not.
-
-    ``create`` makes the folder and writes and removes a probe file, which is the only proof that
-    holds for root and on read-only mounts alike. Without it (``validate`` writes nothing), the
-    nearest existing folder is asked with ``access(2)``, which sees modes and read-only mounts.
-    """
-    folder = spec.output_path.parent
-    if not create:
-        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-            raise StorageError(f"cannot write {folder}: the folder {existing} is not writable")
-        return
-    probe = folder / f".{spec.output_path.name}.tmp-{os.getpid()}-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.close(fd)
-        probe.unlink()
-    except OSError as exc:
-        raise storage_error(exc, folder) from None
+    """The output's place takes files (``create``: its folder is made and a probe written;
+    without, nothing is written); ``StorageError`` (74) if not."""
+    output_store(spec).ready(spec.output_path, create=create)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -148,7 +128,7 @@ def _match_parts(pattern: tuple[str, ...], name: tuple[str, ...]) -> bool:
 
 
 def check_saved_progress(
-    spec: JobSpec, state: RunState, plan: Plan, *, allow_incremental: bool = True
+    spec: JobSpec, state: ProgressStore, plan: Plan, *, allow_incremental: bool = True
 ) -> fingerprints.InputCheck:
     """Compare saved progress with the job: ``StateError`` naming what changed when it cannot be
     resumed; otherwise the input check (``same``: resume as is; not ``same``: with an id column,
@@ -156,7 +136,7 @@ def check_saved_progress(
     settings = json.loads(json.dumps(spec.settings()))
     saved = plan.settings
     changed = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in settings if saved.get(k) != settings[k]]
-    seen = fingerprints.check(plan, spec.input_files)
+    seen = fingerprints.check(input_store(spec.input_pattern), plan, spec.input_files)
     if not changed and (seen.same or (spec.id_column and allow_incremental)):
         return seen
     if not allow_incremental and not changed:
@@ -192,7 +172,7 @@ def validate_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> Valid
     read_api_key(spec)
     check_output_path(spec)
     check_output_writable(spec, create=False)
-    state = RunState(spec.state_dir)
+    state = progress_store(spec)
     check_output_owned(spec, state)
     plan = state.read_plan()
     replan = plan is not None and not check_saved_progress(spec, state, plan).same

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import EMPTY_PROMPT, RunState, SegmentInfo
 from .config import JobSpec, load_job
 from .errors import (
     AuthError,
@@ -20,8 +19,8 @@ from .errors import (
     StateError,
     StorageError,
 )
-from .localfs import read_json
-from .sink import output_identity
+from .segments import EMPTY_PROMPT, SegmentInfo
+from .storage import ProgressStore, output_store, progress_store
 
 __all__ = ["RunSummary", "Shard", "job_status"]
 
@@ -135,7 +134,7 @@ _ECHO_NOTES = {
 }
 
 
-def saved_counts(state: RunState, part: Shard | None) -> tuple[int, dict[str, Any]]:
+def saved_counts(state: ProgressStore, part: Shard | None) -> tuple[int, dict[str, Any]]:
     """The job's rows and its (or the shard's) counts from the committed segments, read without
     changing anything."""
     plan = state.read_plan()
@@ -148,7 +147,8 @@ def saved_counts(state: RunState, part: Shard | None) -> tuple[int, dict[str, An
 def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
     """What a scheduler wants to know, read from the run state without touching the endpoint."""
     spec = job if isinstance(job, JobSpec) else load_job(job)
-    state = RunState(spec.state_dir)
+    state = progress_store(spec)
+    store = output_store(spec)
     plan = state.read_plan()
     out: dict[str, Any] = {"job": str(spec.job_path), "output": str(spec.output_path)}
     if plan is None:
@@ -161,7 +161,7 @@ def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
         counts = counts_of(infos)
         done = sum(i.rows for i in infos.values())
         finished = state.read_finished()
-        complete = done == plan.rows and finished is not None and finished.get("output") == output_identity(spec.output_path)
+        complete = done == plan.rows and finished is not None and finished.get("output") == store.identity(spec.output_path)
         out.update(
             state="complete" if complete else "in progress",
             rows=plan.rows,
@@ -174,10 +174,10 @@ def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
             saved_in_partials=state.partial_rows(),
         )
     out["running"] = state.holders()
-    out["last_run"] = read_json(summary_path(spec, None))
-    shards = sorted(spec.output_path.parent.glob(f"{spec.output_path.name}.shard-*.summary.json"))
-    out["shards"] = {p.name.split(".shard-")[1].removesuffix(".summary.json"): read_json(p) for p in shards}
-    out["success_marker"] = success_path(spec).exists()
+    out["last_run"] = store.read_json(summary_path(spec, None))
+    shards = store.beside(spec.output_path, f"{spec.output_path.name}.shard-*.summary.json")
+    out["shards"] = {p.name.split(".shard-")[1].removesuffix(".summary.json"): store.read_json(p) for p in shards}
+    out["success_marker"] = store.exists(success_path(spec))
     return out
 
 

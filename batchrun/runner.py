@@ -13,7 +13,7 @@ from typing import Any
 
 from . import fingerprint as fingerprints
 from . import source
-from .checkpoint import DamagedStateError, RunState, SegmentInfo
+from .checkpoint import DamagedStateError
 from .config import BUILTIN, JobSpec
 from .engine import Engine, Progress, StopSignals
 from .errors import (
@@ -27,7 +27,7 @@ from .errors import (
 )
 from .incremental import carry_forward
 from .inputcheck import check_sample, open_job, with_input
-from .localfs import crashpoint, write_json_atomic
+from .localfs import crashpoint
 from .memory import release_free_memory
 from .plan import Plan
 from .preflight import (
@@ -49,7 +49,9 @@ from .report import (
     success_path,
     summary_path,
 )
-from .sink import output_identity, write_output
+from .segments import SegmentInfo
+from .sink import write_output
+from .storage import ProgressStore, input_store, output_store, progress_store
 
 log = logging.getLogger("batchrun")
 
@@ -83,7 +85,7 @@ def run_job(
     check_output_path(spec)
     api_key = read_api_key(spec)
     check_output_writable(spec, create=True)
-    state = RunState(spec.state_dir)
+    state = progress_store(spec)
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
         shard=str(part) if part else "", started_at=now(), echo_match=spec.echo_match,
@@ -166,7 +168,7 @@ def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSumma
     """Write the single output from every shard's segments; refuse while a shard is unfinished."""
     spec = with_overwrite(_opened(job), overwrite)
     check_output_path(spec)
-    state = RunState(spec.state_dir)
+    state = progress_store(spec)
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
         started_at=now(), echo_match=spec.echo_match,
@@ -190,7 +192,7 @@ def merge_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> RunSumma
 
 def _run_locked(
     spec: JobSpec,
-    state: RunState,
+    state: ProgressStore,
     summary: RunSummary,
     part: Shard | None,
     restart: bool,
@@ -217,7 +219,7 @@ def _run_locked(
         todo = [k for k in mine if k not in infos or infos[k].retryable > 0]
         if todo:
             state.clear_finished()
-            success_path(spec).unlink(missing_ok=True)
+            output_store(spec).remove(success_path(spec))
             engine = Engine(spec, state, plan, infos, todo, api_key, on_progress, started, _endpoint(spec))
             try:
                 _run_engine(engine, signals)
@@ -253,7 +255,7 @@ def _run_locked(
     raise StateError(f"checkpoint files in {state.root} keep reading back damaged; check the disk")
 
 
-def _finish(spec: JobSpec, state: RunState, plan: Plan, summary: RunSummary, sizes: dict[int, int]) -> None:
+def _finish(spec: JobSpec, state: ProgressStore, plan: Plan, summary: RunSummary, sizes: dict[int, int]) -> None:
     """Write the output from the committed segments; then the finish marker and success marker."""
     infos = state.scan_segments(sizes)
     check_output_owned(spec, state)  # a file may have appeared there meanwhile
@@ -268,7 +270,7 @@ def _finish(spec: JobSpec, state: RunState, plan: Plan, summary: RunSummary, siz
     }
     set_counts(summary, counts)
     summary.status = "complete" if not stats.failed else "complete_with_failed_rows"
-    finished = {"output": output_identity(spec.output_path), "rows": stats.rows, **counts}
+    finished = {"output": output_store(spec).identity(spec.output_path), "rows": stats.rows, **counts}
     state.write_finished(finished)
     crashpoint("finished:marked")
     _write_success(spec, finished)
@@ -276,27 +278,27 @@ def _finish(spec: JobSpec, state: RunState, plan: Plan, summary: RunSummary, siz
 
 def _write_success(spec: JobSpec, finished: dict[str, Any]) -> None:
     counts = {k: finished.get(k, 0) for k in ("rows", "succeeded", "failed", "failed_by_class", "skipped")}
-    write_json_atomic(
+    output_store(spec).write_json(
         success_path(spec), {"output": str(spec.output_path), **counts, "written_at": now()}, "success"
     )
 
 
-def _already_done(spec: JobSpec, state: RunState, summary: RunSummary, infos: dict[int, SegmentInfo]) -> None:
+def _already_done(spec: JobSpec, state: ProgressStore, summary: RunSummary, infos: dict[int, SegmentInfo]) -> None:
     """The output is written and current: report so, and put back a success marker a crash (or a
     hand) removed between the output's publication and the marker's."""
     summary.status = "nothing_to_do"
     set_counts(summary, counts_of(infos))
     finished = state.read_finished()
-    if finished is not None and not success_path(spec).exists():
+    if finished is not None and not output_store(spec).exists(success_path(spec)):
         _write_success(spec, finished)
 
 
-def _output_current(spec: JobSpec, state: RunState) -> bool:
+def _output_current(spec: JobSpec, state: ProgressStore) -> bool:
     finished = state.read_finished()
-    return finished is not None and finished.get("output") == output_identity(spec.output_path)
+    return finished is not None and finished.get("output") == output_store(spec).identity(spec.output_path)
 
 
-def _refuse_unfinished(state: RunState, sizes: dict[int, int], infos: dict[int, SegmentInfo]) -> None:
+def _refuse_unfinished(state: ProgressStore, sizes: dict[int, int], infos: dict[int, SegmentInfo]) -> None:
     missing = [k for k in sizes if k not in infos]
     if not missing:
         return
@@ -317,8 +319,7 @@ def _close_summary(summary: RunSummary, started: float, spec: JobSpec, part: Sha
     summary.rows_per_s = summary.rows_answered_this_run / summary.duration_s if summary.duration_s else 0.0
     summary.rows_reused = max(0, summary.succeeded - summary.rows_answered_this_run)
     try:
-        spec.output_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(summary_path(spec, part), summary.to_dict(), "summary")
+        output_store(spec).write_json(summary_path(spec, part), summary.to_dict(), "summary")
     except (OSError, StorageError) as exc:
         # The summary is a report, not the truth: failing to write it must not mask the run's result.
         log.warning("could not write the run summary: %s", exc)
@@ -335,7 +336,7 @@ def _account(summary: RunSummary, engine: Engine) -> None:
     summary.rows_answered_this_run += engine.answered
 
 
-def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> Plan:
+def _plan(spec: JobSpec, state: ProgressStore, *, allow_incremental: bool = True) -> Plan:
     """Load the pinned plan, or make and pin a new one.
 
     A changed input or changed settings are refused, saying what changed, except one case: with
@@ -356,12 +357,12 @@ def _plan(spec: JobSpec, state: RunState, *, allow_incremental: bool = True) -> 
                 plan = plan.with_fingerprint(seen.refreshed)
                 state.write_plan(plan)
             return plan
-    elif state.has_progress() or state.carry_path.exists():
+    elif state.has_progress() or state.has_carry():
         # Progress without the plan it was made under cannot be placed safely: start over.
         log.warning("the run state in %s had no readable plan; its progress is discarded", state.root)
         state.reset()
         state.drop_carry()
-    fingerprint = fingerprints.take(spec.input_files, hashed)
+    fingerprint = fingerprints.take(input_store(spec.input_pattern), spec.input_files, hashed)
     check_sample(spec)
     rows = source.count_rows_and_check_ids(spec)
     if rows == 0:

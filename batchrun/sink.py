@@ -14,11 +14,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import source
-from .checkpoint import EMPTY_PROMPT, RunState, SegmentInfo
 from .echoed import merge_kind
 from .errors import StateError
-from .localfs import atomic_path
 from .plan import Plan
+from .segments import EMPTY_PROMPT, SegmentInfo
+from .storage import ProgressStore, output_store
 
 if TYPE_CHECKING:
     from .config import JobSpec
@@ -74,7 +74,7 @@ def _typed_params(column: pa.ChunkedArray, struct: pa.StructType) -> pa.Array:
 
 
 def write_output(
-    spec: JobSpec, state: RunState, plan: Plan, infos: dict[int, SegmentInfo]
+    spec: JobSpec, state: ProgressStore, plan: Plan, infos: dict[int, SegmentInfo]
 ) -> OutputStats:
     """Join the input with the committed segments, segment by segment, into ``spec.output_path``.
 
@@ -89,8 +89,9 @@ def write_output(
             types[key] = merge_kind(types.get(key), kind)
     struct = params_struct(types)
     stats = OutputStats()
-    spec.output_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(spec.output_path, "output") as tmp:
+    # The store records the new file's identity in the run state before it shows at the output
+    # path: the file that appears there is then known as this job's.
+    with output_store(spec).publish(spec.output_path, "output", state.record_output) as tmp:
         writer: _GroupedWriter | None = None
         try:
             for k, inp in source.iter_segments(spec, None, seg_rows):
@@ -120,10 +121,6 @@ def write_output(
         finally:
             if writer is not None:
                 writer.close()
-        # Recorded before the rename: the file about to appear at the output path is this job's.
-        identity = output_identity(tmp)
-        assert identity is not None
-        state.record_output(identity)
     if stats.rows != plan.rows:
         raise StateError(f"the input now has {stats.rows} rows, the plan {plan.rows}")
     stats.succeeded = stats.rows - stats.failed - stats.skipped
@@ -203,11 +200,3 @@ def _check_alignment(spec: JobSpec, k: int, seg_rows: int, inp: pa.Table, res: p
     if spec.id_column:
         if source.id_strings(inp, spec.id_column) != res.column("id").to_pylist():
             raise StateError(f"checkpoint segment {k} ids differ from the input's; run with --restart")
-
-
-def output_identity(path: Path) -> dict[str, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

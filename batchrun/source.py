@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import pyarrow.parquet as pq
 from . import csvinput
 from .errors import JobError
 from .iddigests import IdDigests
+from .storage import InputStore, input_store
 
 if TYPE_CHECKING:
     from .config import JobSpec
@@ -29,20 +28,7 @@ PARQUET_BUFFER_BYTES = 1 << 20
 
 def resolve_input(pattern: str, base: Path) -> list[Path]:
     """The input files a pattern names, relative to ``base``, sorted so positions are stable."""
-    full = pattern if os.path.isabs(pattern) else str(base / pattern)
-    if glob.has_magic(full):
-        found = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
-        files = [p for p in found if p.is_file()]
-        if not files:
-            dirs = " (it matches only directories)" if found else ""
-            raise JobError(f"no file matches {pattern!r}{dirs} (looked in {base})")
-        return files
-    path = Path(full).resolve()
-    if path.is_dir():
-        raise JobError(f"{path} is a directory; name a file, or a glob such as '{pattern.rstrip('/')}/*.parquet'")
-    if not path.is_file():
-        raise JobError(f"input file not found: {path}")
-    return [path]
+    return input_store(pattern).expand(pattern, base)
 
 
 def detect_format(files: Sequence[Path]) -> Literal["csv", "parquet"]:
@@ -78,13 +64,14 @@ def iter_batches(
     row = start_row  # the input row of the next row yielded
     # A glob's files may disagree on a column's nullability, which Arrow would refuse to join.
     conform = spec.input_format == "parquet" and len(spec.input_files) > 1
+    store = input_store(spec.input_pattern)
     for f in spec.input_files:
         file_start = row - skip
         try:
             if spec.input_format == "parquet":
-                batches, skip = _parquet_batches(f, columns, chunk_rows, skip)
+                batches, skip = _parquet_batches(store, f, columns, chunk_rows, skip)
             else:
-                batches = csvinput.batches(f, columns, spec.csv_block_bytes)
+                batches = csvinput.batches(store, f, columns, spec.csv_block_bytes)
             for batch in batches:
                 part, skip = _drop_head(batch, skip)
                 if part is not None:
@@ -105,15 +92,16 @@ def read_sample(spec: JobSpec, path: Path, columns: Sequence[str]) -> Iterator[p
     """One file's first row group (Parquet) or first block (CSV) of ``columns``, read and checked
     as ``iter_batches`` reads them: a cheap proof that the file can be read at all."""
     row = 0
+    store = input_store(spec.input_pattern)
     try:
         if spec.input_format == "csv":
-            batches = csvinput.batches(path, columns, spec.csv_block_bytes)
+            batches = csvinput.batches(store, path, columns, spec.csv_block_bytes)
             try:
                 yield from itertools.islice(batches, 1)
             finally:
                 batches.close()
             return
-        pf = _open_parquet(path)
+        pf = _open_parquet(store, path)
         try:
             if pf.metadata.num_row_groups:
                 for batch in pf.iter_batches(batch_size=65536, row_groups=[0], columns=list(columns)):
@@ -145,7 +133,7 @@ def _unreadable(
         )
     where = ""
     if spec.input_format == "parquet":
-        found = _find_damage(path, columns, at, span)
+        found = _find_damage(input_store(spec.input_pattern), path, columns, at, span)
         if found is not None:
             name, group, lo, hi = found
             where = f" (column {name!r}, row group {group}: rows {lo}-{hi - 1} of the file)"
@@ -153,12 +141,13 @@ def _unreadable(
 
 
 def _find_damage(
+    store: InputStore,
     path: Path, columns: Sequence[str] | None, at: int, span: int
 ) -> tuple[str, int, int, int] | None:
     """The first column and row group that fail to read alone, among the row groups a failed
     read of ``span`` rows from row ``at`` touched; None if none does (or the footer itself fails)."""
     try:
-        pf = _open_parquet(path)
+        pf = _open_parquet(store, path)
     except (pa.ArrowException, OSError):
         return None
     try:
@@ -225,11 +214,12 @@ def _drop_head(batch: pa.RecordBatch, skip: int) -> tuple[pa.RecordBatch | None,
 
 
 def _parquet_batches(
+    store: InputStore,
     path: Path, columns: Sequence[str] | None, chunk_rows: int, skip: int
 ) -> tuple[Iterator[pa.RecordBatch], int]:
     """Batches of one Parquet file from its first row group holding row ``skip``, and how many
     rows of what they yield are still to skip."""
-    pf = _open_parquet(path)
+    pf = _open_parquet(store, path)
     meta = pf.metadata
     first = 0
     while first < meta.num_row_groups and skip >= meta.row_group(first).num_rows:
@@ -250,13 +240,13 @@ def _parquet_batches(
     return batches(), skip
 
 
-def _open_parquet(path: Path) -> pq.ParquetFile:
+def _open_parquet(store: InputStore, path: Path) -> pq.ParquetFile:
     # pre_buffer (pyarrow's default) keeps every row group read until the file is closed: a
     # 3 GB input held 2.6 GB by its end. buffer_size streams each column chunk page by page
     # instead of reading it whole (a row group of wide rows can be gigabytes). Pages written
     # with a checksum are checked against it: without, a damaged page can decode to other values.
     return pq.ParquetFile(
-        path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES, page_checksum_verification=True
+        store.open(path), pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES, page_checksum_verification=True
     )
 
 
@@ -385,7 +375,8 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
 
 def _parquet_rows(spec: JobSpec, path: Path) -> int:
     try:
-        rows: int = pq.read_metadata(path).num_rows
+        with input_store(spec.input_pattern).open(path) as fh:
+            rows: int = pq.read_metadata(fh).num_rows
         return rows
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(spec, path, None, exc, 0, 0) from None

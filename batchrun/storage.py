@@ -1,0 +1,260 @@
+"""The storage seam: where a job's input is read, its output published and its progress kept.
+
+Three protocols, each with the local filesystem as its first implementation:
+
+- ``InputStore`` (``LocalStore``): the files a pattern names, their size and modification time,
+  and a random-access reader over each (pyarrow reads Parquet footers and pages, and CSV blocks,
+  through it: ranged reads, never a whole-file copy).
+- ``OutputStore`` (``LocalStore``): a file published whole or not at all, small JSON documents
+  (the summary, the success marker) beside it, and what identifies a published file.
+- ``ProgressStore`` (``checkpoint.RunState``): the run state a job resumes from.
+
+Locations are paths (``PurePath``): a local path for the local store; an object store would take
+``bucket/key`` paths of its own and be chosen by ``input_store``/``output_store`` from the job.
+What any implementation must guarantee is written on each method.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import pyarrow as pa
+
+from .errors import JobError, StorageError
+from .localfs import atomic_path, read_json, storage_error, write_json_atomic
+
+if TYPE_CHECKING:
+    from .config import JobSpec
+    from .plan import Plan
+    from .segments import SegmentInfo
+
+
+class FileStat(NamedTuple):
+    size: int
+    mtime_ns: int
+
+
+class InputStore(Protocol):
+    def expand(self, pattern: str, base: Path) -> list[Path]:
+        """The files ``pattern`` (a path or a glob, relative to ``base``) names, sorted, so a
+        row's position is the same on every run. ``JobError`` saying why when there is none."""
+        ...
+
+    def stat(self, path: Path) -> FileStat:
+        """Size and modification time; ``JobError`` naming the file when it cannot be read."""
+        ...
+
+    def open(self, path: Path) -> pa.NativeFile:
+        """A random-access reader of the file's bytes (seek and ranged reads), closed by the
+        caller; ``OSError`` when the file cannot be opened."""
+        ...
+
+
+class OutputStore(Protocol):
+    def ready(self, path: Path, *, create: bool) -> None:
+        """Prove a file can be published at ``path`` (``create``: make its folder and write a
+        probe; without it write nothing); ``StorageError`` naming the place if not."""
+        ...
+
+    def publish(
+        self, path: Path, kind: str, before_visible: Callable[[dict[str, int]], None]
+    ) -> AbstractContextManager[Path]:
+        """A place to write the file that ``path`` will show: on a clean exit of the block the
+        file appears there whole, replacing any other; on an error nothing is visible and the
+        old file (if any) stays. ``before_visible`` gets the new file's identity before anyone
+        can see it there, so a crash in between never leaves a file whose author is unknown."""
+        ...
+
+    def identity(self, path: Path) -> dict[str, int] | None:
+        """What tells this file from any other at that path (None: there is none)."""
+        ...
+
+    def exists(self, path: Path) -> bool: ...
+
+    def remove(self, path: Path) -> None:
+        """Remove the file if it is there."""
+        ...
+
+    def read_json(self, path: Path) -> dict[str, Any] | None:
+        """A JSON object; None when it is missing or unreadable."""
+        ...
+
+    def write_json(self, path: Path, doc: dict[str, Any], kind: str) -> None:
+        """Publish a small JSON document, whole or not at all (its folder made if need be)."""
+        ...
+
+    def beside(self, path: Path, pattern: str) -> list[Path]:
+        """The files next to ``path`` whose names match the glob ``pattern``, sorted."""
+        ...
+
+
+class ProgressStore(Protocol):
+    """A job's run state: the one truth a run resumes from (``checkpoint.RunState`` on a local
+    folder; see its module for the layout and RELIABILITY.md for what each step must survive).
+
+    What an implementation must guarantee: a committed segment is published whole under the one
+    name its index gives it, so a retried or concurrent commit converges on one file; it reads
+    back whole or raises ``checkpoint.DamagedStateError`` (and is then removed, its rows redone);
+    a partial save is a subset of a segment's rows and may overlap others; the plan is written
+    once per plan and read before anything is sent; ``record_output`` is durable before the
+    output it names becomes visible. Locks only save money: correctness never depends on them.
+    """
+
+    root: Path  # named in messages ("the progress in ...")
+
+    # set-up, locks, housekeeping
+    def ensure_dirs(self) -> None: ...
+    def lock(self, name: str = "lock", *, wait: bool = False) -> AbstractContextManager[None]: ...
+    def holders(self) -> dict[str, str]: ...
+    def shard_count(self) -> int | None: ...
+    def clear_leftovers(self, output: Path) -> None: ...
+    def reset(self) -> None: ...
+    def drop_progress(self) -> None: ...
+    def has_progress(self) -> bool: ...
+    def scratch_path(self, name: str) -> Path: ...
+
+    # the plan
+    def read_plan(self) -> Plan | None: ...
+    def write_plan(self, plan: Plan) -> None: ...
+
+    # committed segments, partial saves, the journal of prompts sent
+    def scan_segments(
+        self, expected_rows: dict[int, int] | None = None, *, remove_damaged: bool = True
+    ) -> dict[int, SegmentInfo]: ...
+    def read_segment(self, k: int) -> pa.Table: ...
+    def commit_segment(self, k: int, table: pa.Table, info: SegmentInfo) -> None: ...
+    def write_partial(self, k: int, run_id: str, table: pa.Table) -> None: ...
+    def read_partials(self, k: int) -> pa.Table | None: ...
+    def partial_rows(self) -> int: ...
+    def result_files(self, *, with_carry: bool = False) -> list[Path]: ...
+    def journal_sent(self, k: int, rows: list[int]) -> None: ...
+    def read_journal(self, k: int) -> set[int]: ...
+    def close_journals(self) -> None: ...
+
+    # answers carried from a previous input (incremental runs by id)
+    def has_carry(self) -> bool: ...
+    def read_carry(self, start: int, stop: int) -> pa.Table | None: ...
+    def carry_metadata(self) -> dict[bytes, bytes] | None: ...
+    def write_carry(self, table: pa.Table) -> None: ...
+    def drop_carry(self) -> None: ...
+
+    # the finish, and the outputs this job published
+    def read_finished(self) -> dict[str, Any] | None: ...
+    def write_finished(self, doc: dict[str, Any]) -> None: ...
+    def clear_finished(self) -> None: ...
+    def record_output(self, identity: dict[str, int]) -> None: ...
+    def wrote_output(self, identity: dict[str, int]) -> bool: ...
+
+
+class LocalStore:
+    """Local disks: glob, ``open``, write-fsync-rename and a folder probe."""
+
+    # -- input ---------------------------------------------------------------------------------
+    def expand(self, pattern: str, base: Path) -> list[Path]:
+        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        if glob.has_magic(full):
+            found = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
+            files = [p for p in found if p.is_file()]
+            if not files:
+                dirs = " (it matches only directories)" if found else ""
+                raise JobError(f"no file matches {pattern!r}{dirs} (looked in {base})")
+            return files
+        path = Path(full).resolve()
+        if path.is_dir():
+            raise JobError(
+                f"{path} is a directory; name a file, or a glob such as '{pattern.rstrip('/')}/*.parquet'"
+            )
+        if not path.is_file():
+            raise JobError(f"input file not found: {path}")
+        return [path]
+
+    def stat(self, path: Path) -> FileStat:
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise JobError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+        return FileStat(st.st_size, st.st_mtime_ns)
+
+    def open(self, path: Path) -> pa.NativeFile:
+        return pa.OSFile(str(path), "rb")
+
+    # -- output --------------------------------------------------------------------------------
+    def ready(self, path: Path, *, create: bool) -> None:
+        # ``create`` writes and removes a probe file: the only proof that holds for root and on
+        # read-only mounts alike. Without it (``validate`` writes nothing), the nearest existing
+        # folder is asked with access(2), which sees modes and read-only mounts.
+        folder = path.parent
+        if not create:
+            existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+            if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+                raise StorageError(f"cannot write {folder}: the folder {existing} is not writable")
+            return
+        probe = folder / f".{path.name}.tmp-{os.getpid()}-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            raise storage_error(exc, folder) from None
+
+    @contextmanager
+    def publish(
+        self, path: Path, kind: str, before_visible: Callable[[dict[str, int]], None]
+    ) -> Iterator[Path]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, kind) as tmp:
+            yield tmp
+            identity = self.identity(tmp)
+            assert identity is not None, f"{kind}: nothing was written to {tmp}"
+            before_visible(identity)
+
+    def identity(self, path: Path) -> dict[str, int] | None:
+        # Size and modification time in nanoseconds: a rename keeps both, a rewrite changes them.
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def remove(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def read_json(self, path: Path) -> dict[str, Any] | None:
+        return read_json(path)
+
+    def write_json(self, path: Path, doc: dict[str, Any], kind: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, doc, kind)
+
+    def beside(self, path: Path, pattern: str) -> list[Path]:
+        return sorted(path.parent.glob(pattern))
+
+
+LOCAL = LocalStore()
+
+
+def input_store(pattern: str) -> InputStore:
+    """The store an input path or glob (``input.path``) is read from."""
+    return LOCAL
+
+
+def output_store(spec: JobSpec) -> OutputStore:
+    """The store a job's output and its reports (summary, success marker) are published to."""
+    return LOCAL
+
+
+def progress_store(spec: JobSpec) -> ProgressStore:
+    """Where a job's run state is kept (``output.state_dir``)."""
+    from .checkpoint import RunState
+
+    return RunState(spec.state_dir)
