@@ -117,12 +117,13 @@ def write_output(
                 )
             if writer is None:
                 raise StateError("the input has no rows; nothing to write")
+            if stats.rows != plan.rows:
+                # Before the file is published: an output that does not match the plan never shows.
+                raise StateError(f"the input now has {stats.rows} rows, the plan {plan.rows}")
             writer.flush()
         finally:
             if writer is not None:
                 writer.close()
-    if stats.rows != plan.rows:
-        raise StateError(f"the input now has {stats.rows} rows, the plan {plan.rows}")
     stats.succeeded = stats.rows - stats.failed - stats.skipped
     return stats
 

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +123,56 @@ SCRATCH_NAMES = frozenset({".incoming.parquet"})
 # --- a job written by ``write_job`` with its default output path, and the files beside it -------
 
 
-def small_job(folder: Path, url: str, n: int = 10, **kwargs: Any) -> tuple[Path, list[dict[str, Any]]]:
-    """A job of ``n`` rows (by default batch_size 4, concurrency 2: three requests) in ``folder``."""
-    rows = prompt_rows(n)
-    write_csv(folder / "input.csv", rows)
-    return write_job(folder, url, **kwargs), rows
+@dataclass(frozen=True)
+class Job:
+    """A job file written by ``make_job``, its input rows, and the files a run of it makes."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def output(self) -> Path:
+        return output_of(self.folder)
+
+    def state(self) -> Path:
+        """The run directory (``<output>.batchrun``)."""
+        return state_of(self.folder)
+
+    def summary(self, shard: str = "") -> dict[str, Any]:
+        """The summary JSON beside the output (a shard's, for ``shard="I/N"``)."""
+        return summary_of(self.folder, shard)
+
+    def marker(self) -> Path:
+        return marker_of(self.folder)
+
+    def run(self, *args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """``batchrun JOB ARGS`` in a process of its own (see ``cli``)."""
+        return cli(self.path, *args, **kwargs)
 
 
+MakeJob = Callable[..., Job]
+
+
+@pytest.fixture
+def make_job(tmp_path: Path) -> MakeJob:
+    """``make_job(rows=10, *, url, folder=tmp_path, **sections)``: write ``rows`` (a count of
+    ``prompt_rows``, or the rows themselves) to ``input.csv`` and a ``write_job`` job file beside
+    it; by default batch_size 4, concurrency 2, so 10 rows are three requests."""
+
+    def make(rows: int | list[dict[str, Any]] = 10, *, url: str, folder: Path | None = None, **sections: Any) -> Job:
+        folder = tmp_path if folder is None else folder
+        folder.mkdir(parents=True, exist_ok=True)
+        data = prompt_rows(rows) if isinstance(rows, int) else rows
+        write_csv(folder / "input.csv", data)
+        return Job(write_job(folder, url, **sections), data)
+
+    return make
+
+
+# For helpers that take a job's folder rather than its ``Job`` (the crash checks, shards).
 def output_of(folder: Path) -> Path:
     return folder / "out" / "result.parquet"
 

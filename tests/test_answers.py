@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 import pytest
 from conftest import (
+    MakeJob,
     assert_exact,
     cli,
     committed_results,
@@ -61,15 +62,14 @@ NEVER_VALID = {
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", list(NEVER_VALID))
 def test_answers_that_never_validate_stop_the_run_with_exit_4_saying_what_is_wrong_with_them(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, make_job: MakeJob
 ) -> None:
     """Every answer spoilt the same way: the run stops after ``outage_after_failures`` (20)
     attempts in a row, not after every row's retries; no row is failed and nothing is written."""
     rows = prompt_rows(320)  # 20 batches of 16
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, p: kind) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
-        result = cli(job, cwd=tmp_path)
+        job = make_job(rows, url=ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
+        result = cli(job.path, cwd=tmp_path)
     first = error_line(result.stderr)
     print(f"{kind}: {ep.log.requests} requests: {first}")
     assert result.returncode == 4, result.stderr
@@ -85,17 +85,16 @@ def test_answers_that_never_validate_stop_the_run_with_exit_4_saying_what_is_wro
 
 @pytest.mark.timeout(60)
 def test_cost_answers_whose_echoes_never_match_stop_a_2000_row_job_after_a_few_hundred_prompts(
-    tmp_path: Path,
+    tmp_path: Path, make_job: MakeJob
 ) -> None:
     """The issue's figure: 2,000 rows, batch 16, concurrency 8, ``max_retries`` 5, the default
     outage threshold (20), every echo altered. It sent 12,000 prompts and exited 3 with every
     row failed; now it stops within 20 failed attempts plus the 7 other requests in flight."""
     rows = prompt_rows(2000)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, p: "every_alter") as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
+        job = make_job(rows, url=ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
         started = time.monotonic()
-        result = cli(job, cwd=tmp_path)
+        result = cli(job.path, cwd=tmp_path)
         took = time.monotonic() - started
     sent = len(ep.log.prompts_received)
     print(
@@ -105,21 +104,20 @@ def test_cost_answers_whose_echoes_never_match_stop_a_2000_row_job_after_a_few_h
     )
     assert result.returncode == 4, result.stderr
     assert sent <= (20 + 7) * 16
-    assert summary_of(tmp_path)["prompts_sent"] == sent
+    assert job.summary()["prompts_sent"] == sent
     assert_stopped_keeping_progress(tmp_path)
 
 
 @pytest.mark.timeout(60)
 def test_a_job_too_small_to_reach_the_outage_threshold_still_stops_with_exit_4_when_nothing_validates(
-    tmp_path: Path,
+    tmp_path: Path, make_job: MakeJob
 ) -> None:
     """20 rows in batches of 16 make 12 attempts, fewer than the threshold of 20: the first batch
     out of attempts with no answer validated in the run is an outage, not 20 failed rows."""
     rows = prompt_rows(20)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, p: "every_output_empty") as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
-        result = cli(job, cwd=tmp_path)
+        job = make_job(rows, url=ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
+        result = cli(job.path, cwd=tmp_path)
     assert result.returncode == 4, result.stderr
     assert re.fullmatch(
         r"batchrun: error: the endpoint's answers failed validation (6|7|8|9|10|11|12) attempts in a row and "
@@ -159,21 +157,20 @@ def test_one_valid_answer_resets_the_outage_count_so_answers_failing_now_and_the
 
 
 def test_an_output_list_that_is_always_empty_for_one_prompt_fails_that_row_only_with_the_reason(
-    tmp_path: Path,
+    tmp_path: Path, make_job: MakeJob
 ) -> None:
     """``output: []`` is no answer: the prompt is retried, and once the endpoint has answered
     others, the row ends failed saying so (exit 3); an empty list is never written as a success."""
     rows = prompt_rows(16)
     empty_for = rows[8]["prompt"]  # the first of its batch, whose first item the fault spoils
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, p: "output_empty" if p[0] == empty_for else None) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1, "max_retries": 2})
-        result = invoke(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 4, "concurrency": 1, "max_retries": 2})
+        result = invoke(job.path)
     assert result.exit_code == 3, result.output
     assert result.stdout.startswith(
         "batchrun: complete_with_failed_rows: 15/16 rows succeeded, 1 failed (invalid_response 1);"
     )
-    df = pl.read_parquet(output_of(tmp_path))
+    df = pl.read_parquet(job.output())
     failed = df.filter(pl.col("error").is_not_null())
     assert failed["id"].to_list() == [rows[8]["id"]]
     assert failed["error"].to_list() == [
@@ -222,39 +219,37 @@ def test_echoes_trimmed_by_the_endpoint_are_named_as_such_and_echo_match_trimmed
 
 
 @pytest.mark.timeout(60)
-def test_echo_match_position_places_answers_without_echoes_and_every_summary_says_so(tmp_path: Path) -> None:
+def test_echo_match_position_places_answers_without_echoes_and_every_summary_says_so(tmp_path: Path, make_job: MakeJob) -> None:
     """An endpoint that echoes no prompt cannot be matched by echo (exit 4, "no echoed
     prompt"); with ``echo_match = "position"`` an answer with one item per prompt is placed by
     position, a short answer (one item dropped) is retried whole, and the summary line and JSON
     say outputs were matched by position."""
     rows = prompt_rows(48)
-    write_csv(tmp_path / "input.csv", rows)
     run = {"batch_size": 4, "concurrency": 2, "max_retries": 5}
     with LiveEndpoint(rule=lambda n, p: "echo_none") as ep:
-        job = write_job(tmp_path, ep.url, run=run)
-        refused = cli(job, cwd=tmp_path)
+        job = make_job(rows, url=ep.url, run=run)
+        refused = cli(job.path, cwd=tmp_path)
         assert refused.returncode == 4, refused.stderr
         assert "(last: 4 items: no echoed prompt (first: item 0)); " in error_line(refused.stderr)
 
         ep.rule = lambda n, p: "drop" if n % 5 == 0 else "echo_none"
         write_job(tmp_path, ep.url, run=run, endpoint={"echo_match": "position"})
-        done = cli(job, cwd=tmp_path)
+        done = cli(job.path, cwd=tmp_path)
         dropped = ep.log.faults.get("drop", 0)
     assert done.returncode == 0, done.stderr
     assert dropped >= 1
     assert done.stdout.rstrip("\n").endswith(
         '; outputs matched by position (echo_match = "position"): echoes not checked'
     )
-    assert summary_of(tmp_path)["echo_match"] == "position"
-    assert summary_of(tmp_path)["retries_by_cause"] == {"invalid_response": dropped}
-    assert_exact(output_of(tmp_path), rows)
+    assert job.summary()["echo_match"] == "position"
+    assert job.summary()["retries_by_cause"] == {"invalid_response": dropped}
+    assert_exact(job.output(), rows)
 
 
-def test_an_unknown_echo_match_is_refused_naming_the_modes(tmp_path: Path) -> None:
-    write_csv(tmp_path / "input.csv", prompt_rows(2))
-    job = write_job(tmp_path, "http://127.0.0.1:9/inference", endpoint={"echo_match": "fuzzy"})
-    result = invoke("validate", job)
+def test_an_unknown_echo_match_is_refused_naming_the_modes(tmp_path: Path, make_job: MakeJob) -> None:
+    job = make_job(2, url="http://127.0.0.1:9/inference", endpoint={"echo_match": "fuzzy"})
+    result = invoke("validate", job.path)
     assert result.exit_code == 2, result.output
     assert result.stderr == (
-        f"batchrun: error: {job}: endpoint.echo_match: must be one of 'exact', 'trimmed' or 'position' (got 'fuzzy')\n"
+        f"batchrun: error: {job.path}: endpoint.echo_match: must be one of 'exact', 'trimmed' or 'position' (got 'fuzzy')\n"
     )

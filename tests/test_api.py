@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import assert_exact, prompt_rows, write_csv, write_job
+from conftest import MakeJob, assert_exact, prompt_rows
 from endpoint import LiveEndpoint
 
 import batchrun
@@ -21,12 +21,11 @@ def test_the_error_classes_and_both_entry_points_import_from_the_package() -> No
     assert asyncio.iscoroutinefunction(arun_job) and callable(run_job)
 
 
-def test_run_job_inside_a_running_loop_refuses_at_once_naming_arun_job(tmp_path: Path, endpoint: LiveEndpoint) -> None:
-    write_csv(tmp_path / "input.csv", prompt_rows(8))
-    job = write_job(tmp_path, endpoint.url)
+def test_run_job_inside_a_running_loop_refuses_at_once_naming_arun_job(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
+    job = make_job(8, url=endpoint.url)
 
     async def notebook_cell() -> None:
-        batchrun.run_job(job)
+        batchrun.run_job(job.path)
 
     with pytest.raises(RuntimeError, match=r"run_job\(\) cannot run inside a running event loop .*await batchrun\.arun_job"):
         asyncio.run(notebook_cell())
@@ -35,15 +34,14 @@ def test_run_job_inside_a_running_loop_refuses_at_once_naming_arun_job(tmp_path:
 
 
 def test_arun_job_runs_a_job_to_completion_while_the_callers_loop_stays_responsive(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
     rows = prompt_rows(40)
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
+    job = make_job(rows, url=endpoint.url)
 
     async def notebook_cell() -> tuple[batchrun.RunSummary, int]:
         ticks = 0
-        run = asyncio.ensure_future(batchrun.arun_job(job))
+        run = asyncio.ensure_future(batchrun.arun_job(job.path))
         while not run.done():
             await asyncio.sleep(0.001)
             ticks += 1
@@ -55,11 +53,10 @@ def test_arun_job_runs_a_job_to_completion_while_the_callers_loop_stays_responsi
     assert_exact(tmp_path / "out" / "result.parquet", rows)
 
 
-def test_an_error_that_ends_a_run_carries_its_summary(tmp_path: Path) -> None:
-    write_csv(tmp_path / "input.csv", prompt_rows(8))
+def test_an_error_that_ends_a_run_carries_its_summary(tmp_path: Path, make_job: MakeJob) -> None:
     with LiveEndpoint(rule=lambda n, p: "401") as ep:
-        job = write_job(tmp_path, ep.url)
+        job = make_job(8, url=ep.url)
         with pytest.raises(batchrun.EndpointError) as caught:
-            batchrun.run_job(job)
+            batchrun.run_job(job.path)
     summary = caught.value.summary
     assert (summary.status, summary.exit_code, summary.total_rows) == ("credentials_refused", 4, 8)

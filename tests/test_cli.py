@@ -17,13 +17,13 @@ from aiohttp import web
 from click.testing import Result
 from conftest import (
     PARAMS,
+    MakeJob,
     assert_exact,
     cli,
     expected_output,
     invoke,
     output_of,
     prompt_rows,
-    small_job,
     write_csv,
     write_job,
 )
@@ -34,7 +34,6 @@ from batchrun.checkpoint import RunState
 from batchrun.inputcheck import open_job
 
 REPO = Path(__file__).resolve().parents[1]
-BATCHRUN = Path(sys.executable).with_name("batchrun")
 CANARY = "sk-CANARY-123"
 OUTPUT_COLUMNS = ["output", "params", "error", "attempts", "latency_s"]
 
@@ -59,56 +58,55 @@ def summary_pattern(
 # -- running ------------------------------------------------------------------------------------
 
 
-def test_a_run_exits_0_and_prints_one_summary_line(tmp_path: Path, endpoint: LiveEndpoint) -> None:
-    job, rows = small_job(tmp_path, endpoint.url)
-    result = invoke(job)
+def test_a_run_exits_0_and_prints_one_summary_line(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
+    job = make_job(url=endpoint.url)
+    result = invoke(job.path)
     assert result.exit_code == 0, result.output
-    assert re.fullmatch(summary_pattern("complete", 10, 10, 10, 3, output_of(tmp_path)), result.stdout)
+    assert re.fullmatch(summary_pattern("complete", 10, 10, 10, 3, job.output()), result.stdout)
     assert result.stderr == ""
     assert endpoint.log.requests == 3
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), job.rows)
 
 
-def test_a_bare_job_argument_runs_it_like_the_run_command(tmp_path: Path) -> None:
+def test_a_bare_job_argument_runs_it_like_the_run_command(tmp_path: Path, make_job: MakeJob) -> None:
     """`batchrun JOB` and `batchrun run JOB` do the same thing, and share the job's progress."""
-    outputs = []
+    outputs, jobs = [], []
     for name, args in (("bare", []), ("explicit", ["run"])):
-        folder = tmp_path / name
-        folder.mkdir()
         with LiveEndpoint() as ep:
-            job, rows = small_job(folder, ep.url)
-            result = invoke(*args, job)
+            job = make_job(url=ep.url, folder=tmp_path / name)
+            jobs.append(job)
+            result = invoke(*args, job.path)
             assert result.exit_code == 0, result.output
-            assert re.fullmatch(summary_pattern("complete", 10, 10, 10, 3, output_of(folder)), result.stdout)
+            assert re.fullmatch(summary_pattern("complete", 10, 10, 10, 3, job.output()), result.stdout)
             assert ep.log.requests == 3
-        outputs.append(assert_exact(output_of(folder), rows).drop("latency_s"))
+        outputs.append(assert_exact(job.output(), job.rows).drop("latency_s"))
     assert outputs[0].equals(outputs[1])
     # The other spelling sees the progress the first one saved.
-    result = invoke("run", tmp_path / "bare" / "job.toml")
-    assert result.stdout == f"batchrun: nothing to do: all 10 rows are done ({output_of(tmp_path / 'bare')})\n"
+    result = invoke("run", jobs[0].path)
+    assert result.stdout == f"batchrun: nothing to do: all 10 rows are done ({jobs[0].output()})\n"
 
 
 def test_a_rerun_of_a_complete_job_prints_nothing_to_do_and_sends_nothing(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
-    job, _ = small_job(tmp_path, endpoint.url)
-    assert invoke(job).exit_code == 0
-    result = invoke(job)
+    job = make_job(url=endpoint.url)
+    assert invoke(job.path).exit_code == 0
+    result = invoke(job.path)
     assert result.exit_code == 0
-    assert result.stdout == f"batchrun: nothing to do: all 10 rows are done ({output_of(tmp_path)})\n"
+    assert result.stdout == f"batchrun: nothing to do: all 10 rows are done ({job.output()})\n"
     assert result.stderr == ""
     assert endpoint.log.requests == 3
 
 
-def test_progress_is_logged_as_plain_periodic_lines_when_not_on_a_terminal(tmp_path: Path) -> None:
+def test_progress_is_logged_as_plain_periodic_lines_when_not_on_a_terminal(tmp_path: Path, make_job: MakeJob) -> None:
     """Cron mail gets log lines, not tqdm redraws: no carriage return anywhere."""
     with LiveEndpoint(server.ServerOptions(latency_s=0.05)) as slow:
         # 20 rows, 2 a request, one request at a time: ten requests at least 50 ms apart.
-        job, _ = small_job(tmp_path, slow.url, n=20, run={"batch_size": 2, "concurrency": 1})
-        result = invoke(job, "--log-interval", "0.1")
+        job = make_job(20, url=slow.url, run={"batch_size": 2, "concurrency": 1})
+        result = invoke(job.path, "--log-interval", "0.1")
     assert result.exit_code == 0, result.output
     assert "\r" not in result.stdout + result.stderr
-    assert re.fullmatch(summary_pattern("complete", 20, 20, 20, 10, output_of(tmp_path)), result.stdout)
+    assert re.fullmatch(summary_pattern("complete", 20, 20, 20, 10, job.output()), result.stdout)
     lines = result.stderr.splitlines()
     line = re.compile(
         r"\d\d:\d\d:\d\d batchrun INFO progress: (\d+)/20 rows done, 0 failed, \d+\.\d rows/s, eta (\d+s|\?)"
@@ -121,34 +119,34 @@ def test_progress_is_logged_as_plain_periodic_lines_when_not_on_a_terminal(tmp_p
     assert all(0 < d <= 20 for d in done)
 
 
-def test_quiet_prints_only_the_summary_line(tmp_path: Path) -> None:
+def test_quiet_prints_only_the_summary_line(tmp_path: Path, make_job: MakeJob) -> None:
     with LiveEndpoint(server.ServerOptions(latency_s=0.05)) as slow:
-        job, _ = small_job(tmp_path, slow.url, n=20, run={"batch_size": 2, "concurrency": 1})
-        result = invoke(job, "--quiet", "--log-interval", "0.1")
+        job = make_job(20, url=slow.url, run={"batch_size": 2, "concurrency": 1})
+        result = invoke(job.path, "--quiet", "--log-interval", "0.1")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    assert re.fullmatch(summary_pattern("complete", 20, 20, 20, 10, output_of(tmp_path)), result.stdout)
+    assert re.fullmatch(summary_pattern("complete", 20, 20, 20, 10, job.output()), result.stdout)
 
 
-def test_rows_failing_every_retry_exit_3_and_carry_their_error(tmp_path: Path) -> None:
+def test_rows_failing_every_retry_exit_3_and_carry_their_error(tmp_path: Path, make_job: MakeJob) -> None:
     # The endpoint answers the first batch, then 500s. Rows fail only once the endpoint has
     # answered others; one that never answers is an outage (exit 4, tests/test_faults.py).
     first = "Prompt number 0: say something"
     with LiveEndpoint(rule=lambda n, prompts: None if first in prompts else "500") as broken:
-        job, rows = small_job(tmp_path, broken.url, run={"concurrency": 1})
-        result = invoke(job)
+        job = make_job(url=broken.url, run={"concurrency": 1})
+        result = invoke(job.path)
         # One answered batch, then two batches of up to 4 prompts, each tried 1 + max_retries (3) times.
         assert broken.log.requests == 9
     assert result.exit_code == 3, result.output
     assert re.fullmatch(
         summary_pattern(
-            "complete_with_failed_rows", 4, 10, 4, 9, output_of(tmp_path),
+            "complete_with_failed_rows", 4, 10, 4, 9, job.output(),
             failed=", 6 failed (http_500 6)", retries=6, resent=18, causes="http_500 6",
         ),
         result.stdout,
     )
-    df = pl.read_parquet(output_of(tmp_path))
-    assert df["id"].to_list() == [r["id"] for r in rows]
+    df = pl.read_parquet(job.output())
+    assert df["id"].to_list() == [r["id"] for r in job.rows]
     assert df["output"].to_list()[4:] == [None] * 6
     assert df["attempts"].to_list() == [1] * 4 + [4] * 6
     assert df["error"].to_list()[:4] == [None] * 4
@@ -157,10 +155,10 @@ def test_rows_failing_every_retry_exit_3_and_carry_their_error(tmp_path: Path) -
         assert error.endswith("(gave up after 4 attempts)"), error
 
 
-def test_an_endpoint_refusing_the_key_exits_4_with_a_message_about_the_key(tmp_path: Path) -> None:
+def test_an_endpoint_refusing_the_key_exits_4_with_a_message_about_the_key(tmp_path: Path, make_job: MakeJob) -> None:
     with LiveEndpoint(rule=lambda n, prompts: "401") as refusing:
-        job, _ = small_job(tmp_path, refusing.url)
-        result = invoke(job)
+        job = make_job(url=refusing.url)
+        result = invoke(job.path)
         # The run stops at the refusal instead of retrying every batch.
         assert 1 <= refusing.log.requests <= 2
     assert result.exit_code == 4
@@ -173,10 +171,10 @@ def test_an_endpoint_refusing_the_key_exits_4_with_a_message_about_the_key(tmp_p
     )
 
 
-def test_debug_shows_the_traceback_of_an_error(tmp_path: Path) -> None:
+def test_debug_shows_the_traceback_of_an_error(tmp_path: Path, make_job: MakeJob) -> None:
     with LiveEndpoint(rule=lambda n, prompts: "401") as refusing:
-        job, _ = small_job(tmp_path, refusing.url)
-        result = invoke(job, "--debug")
+        job = make_job(url=refusing.url)
+        result = invoke(job.path, "--debug")
     assert result.exit_code == 4
     assert "Traceback (most recent call last):" in result.stderr
     assert "AuthError" in result.stderr
@@ -184,26 +182,26 @@ def test_debug_shows_the_traceback_of_an_error(tmp_path: Path) -> None:
 
 
 def test_restart_discards_saved_progress_and_answers_every_row_again(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
-    job, rows = small_job(tmp_path, endpoint.url)
-    assert invoke(job).exit_code == 0
-    result = invoke(job, "--restart")
+    job = make_job(url=endpoint.url)
+    assert invoke(job.path).exit_code == 0
+    result = invoke(job.path, "--restart")
     assert result.exit_code == 0, result.output
-    assert re.fullmatch(summary_pattern("complete", 10, 10, 10, 3, output_of(tmp_path)), result.stdout)
+    assert re.fullmatch(summary_pattern("complete", 10, 10, 10, 3, job.output()), result.stdout)
     assert endpoint.log.requests == 6
-    assert Counter(endpoint.log.prompts_received) == Counter({r["prompt"]: 2 for r in rows})
-    assert_exact(output_of(tmp_path), rows)
+    assert Counter(endpoint.log.prompts_received) == Counter({r["prompt"]: 2 for r in job.rows})
+    assert_exact(job.output(), job.rows)
 
 
 def test_changed_params_are_refused_pointing_at_restart_which_then_reruns(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
-    job, rows = small_job(tmp_path, endpoint.url)
-    assert invoke(job).exit_code == 0
+    job = make_job(url=endpoint.url)
+    assert invoke(job.path).exit_code == 0
     new_params = {**PARAMS, "max_tokens": 9}
     write_job(tmp_path, endpoint.url, params=new_params)
-    result = invoke(job)
+    result = invoke(job.path)
     assert result.exit_code == 2
     assert handled(result)
     assert result.stdout.startswith("batchrun: state_mismatch: 10/10 rows succeeded; this run answered 0 rows in 0 requests")
@@ -213,22 +211,22 @@ def test_changed_params_are_refused_pointing_at_restart_which_then_reruns(
     ), result.stderr
     assert "'max_tokens': 6" in result.stderr and "'max_tokens': 9" in result.stderr
     assert result.stderr.endswith(
-        f"Restore them, or run with --restart to discard the progress in {output_of(tmp_path)}.batchrun\n"
+        f"Restore them, or run with --restart to discard the progress in {job.output()}.batchrun\n"
     )
     assert len(result.stderr.splitlines()) == 1
     assert endpoint.log.requests == 3
-    result = invoke(job, "--restart")
+    result = invoke(job.path, "--restart")
     assert result.exit_code == 0, result.output
-    assert_exact(output_of(tmp_path), rows, new_params)
+    assert_exact(job.output(), job.rows, new_params)
 
 
 def test_a_second_run_of_a_job_already_running_exits_75_naming_the_holder(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
-    job, _ = small_job(tmp_path, endpoint.url)
-    spec = open_job(job)
+    job = make_job(url=endpoint.url)
+    spec = open_job(job.path)
     with RunState(spec.state_dir).lock():
-        result = invoke(job)
+        result = invoke(job.path)
     assert result.exit_code == 75
     assert result.stdout == ""
     assert re.fullmatch(
@@ -238,7 +236,7 @@ def test_a_second_run_of_a_job_already_running_exits_75_naming_the_holder(
     ), result.stderr
     assert endpoint.log.requests == 0
     # Once the holder is gone the same command runs.
-    assert invoke(job).exit_code == 0
+    assert invoke(job.path).exit_code == 0
 
 
 def test_a_utf8_bom_csv_runs_end_to_end_with_its_ids_intact(tmp_path: Path, endpoint: LiveEndpoint) -> None:
@@ -270,56 +268,56 @@ class HeaderRecordingEndpoint(LiveEndpoint):
 
 
 def test_the_key_is_sent_as_a_bearer_token_and_never_written_or_printed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_job: MakeJob
 ) -> None:
     monkeypatch.setenv("BATCHRUN_TEST_KEY", CANARY)
     with HeaderRecordingEndpoint() as ep:
-        job, rows = small_job(tmp_path, ep.url, endpoint={"api_key_env": "BATCHRUN_TEST_KEY"})
-        results = [invoke("validate", job), invoke(job), invoke(job)]
+        job = make_job(url=ep.url, endpoint={"api_key_env": "BATCHRUN_TEST_KEY"})
+        results = [invoke("validate", job.path), invoke(job.path), invoke(job.path)]
     assert [r.exit_code for r in results] == [0, 0, 0]
     assert ep.authorization == [f"Bearer {CANARY}"] * 3
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), job.rows)
     for r in results:
         assert CANARY not in r.stdout + r.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert output_of(tmp_path) in written
+    assert job.output() in written
     assert any(p.parent.name == "segments" for p in written)
     for path in written:
         assert CANARY.encode() not in path.read_bytes(), path
 
 
-def test_no_authorization_header_is_sent_without_api_key_env(tmp_path: Path) -> None:
+def test_no_authorization_header_is_sent_without_api_key_env(tmp_path: Path, make_job: MakeJob) -> None:
     with HeaderRecordingEndpoint() as ep:
-        job, _ = small_job(tmp_path, ep.url)
-        assert invoke(job).exit_code == 0
+        job = make_job(url=ep.url)
+        assert invoke(job.path).exit_code == 0
     assert ep.authorization == [None] * 3
 
 
 @pytest.mark.parametrize("command", [[], ["validate"]])
 def test_an_unset_api_key_env_variable_exits_2_naming_it(
-    tmp_path: Path, endpoint: LiveEndpoint, monkeypatch: pytest.MonkeyPatch, command: list[str]
+    tmp_path: Path, endpoint: LiveEndpoint, monkeypatch: pytest.MonkeyPatch, command: list[str], make_job: MakeJob
 ) -> None:
     monkeypatch.delenv("BATCHRUN_TEST_UNSET_KEY", raising=False)
-    job, _ = small_job(tmp_path, endpoint.url, endpoint={"api_key_env": "BATCHRUN_TEST_UNSET_KEY"})
-    result = invoke(*command, job)
+    job = make_job(url=endpoint.url, endpoint={"api_key_env": "BATCHRUN_TEST_UNSET_KEY"})
+    result = invoke(*command, job.path)
     assert result.exit_code == 2
     assert handled(result)
     assert result.stdout == ""
     assert result.stderr == (
-        f"batchrun: error: {job}: endpoint.api_key_env: environment variable BATCHRUN_TEST_UNSET_KEY "
+        f"batchrun: error: {job.path}: endpoint.api_key_env: environment variable BATCHRUN_TEST_UNSET_KEY "
         "is not set (it should hold the endpoint's API key)\n"
     )
     assert endpoint.log.requests == 0
-    assert not output_of(tmp_path).exists()
+    assert not job.output().exists()
 
 
-def test_a_literal_key_in_the_job_exits_2_without_printing_it(tmp_path: Path, endpoint: LiveEndpoint) -> None:
-    job, _ = small_job(tmp_path, endpoint.url, endpoint={"api_key": CANARY})
-    result = invoke(job)
+def test_a_literal_key_in_the_job_exits_2_without_printing_it(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
+    job = make_job(url=endpoint.url, endpoint={"api_key": CANARY})
+    result = invoke(job.path)
     assert result.exit_code == 2
     assert CANARY not in result.output
     assert result.stderr == (
-        f"batchrun: error: {job}: endpoint.api_key: a key never sits in a job file; put it in an "
+        f"batchrun: error: {job.path}: endpoint.api_key: a key never sits in a job file; put it in an "
         "environment variable and name that variable with endpoint.api_key_env\n"
     )
     assert endpoint.log.requests == 0
@@ -328,19 +326,19 @@ def test_a_literal_key_in_the_job_exits_2_without_printing_it(tmp_path: Path, en
 # -- validate and invalid jobs ------------------------------------------------------------------
 
 
-def test_validate_prints_the_plan_and_sends_and_writes_nothing(tmp_path: Path, endpoint: LiveEndpoint) -> None:
-    job, _ = small_job(tmp_path, endpoint.url)
-    result = invoke("validate", job)
+def test_validate_prints_the_plan_and_sends_and_writes_nothing(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
+    job = make_job(url=endpoint.url)
+    result = invoke("validate", job.path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"job:          {job}\n"
+        f"job:          {job.path}\n"
         "input:        1 csv file(s), 10 rows, 3 columns\n"
         "prompt:       column 'prompt'; id column 'id'\n"
         f"endpoint:     {endpoint.url} model 'test-model'\n"
         "params:       {'max_tokens': 6, 'temperature': 0.5, 'top_p': 0.9, 'top_k': 20}\n"
         "requests:     up to 3 of 4 prompts, at most 2 in flight\n"
-        f"output:       {output_of(tmp_path)}\n"
-        f"state:        {output_of(tmp_path)}.batchrun (new run)\n"
+        f"output:       {job.output()}\n"
+        f"state:        {job.output()}.batchrun (new run)\n"
         "batchrun: job is valid\n"
     )
     assert result.stderr == ""
@@ -348,21 +346,20 @@ def test_validate_prints_the_plan_and_sends_and_writes_nothing(tmp_path: Path, e
     assert not (tmp_path / "out").exists()
 
 
-def test_validate_after_a_run_says_the_job_has_saved_progress(tmp_path: Path, endpoint: LiveEndpoint) -> None:
-    job, _ = small_job(tmp_path, endpoint.url)
-    assert invoke(job).exit_code == 0
-    result = invoke("validate", job)
+def test_validate_after_a_run_says_the_job_has_saved_progress(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
+    job = make_job(url=endpoint.url)
+    assert invoke(job.path).exit_code == 0
+    result = invoke("validate", job.path)
     assert result.exit_code == 0
-    assert f"state:        {output_of(tmp_path)}.batchrun (has saved progress)\n" in result.stdout
+    assert f"state:        {job.output()}.batchrun (has saved progress)\n" in result.stdout
     assert endpoint.log.requests == 3
 
 
-def test_validate_of_a_template_job_shows_the_template(tmp_path: Path, endpoint: LiveEndpoint) -> None:
-    job, _ = small_job(
-        tmp_path, endpoint.url, input={"prompt_column": None, "id_column": None, "template": "About {topic}"},
+def test_validate_of_a_template_job_shows_the_template(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
+    job = make_job(url=endpoint.url, input={"prompt_column": None, "id_column": None, "template": "About {topic}"},
         params={}, run={"batch_size": 3, "concurrency": 5},
     )
-    result = invoke("validate", job)
+    result = invoke("validate", job.path)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert "prompt:       template 'About {topic}'" in lines
@@ -372,21 +369,19 @@ def test_validate_of_a_template_job_shows_the_template(tmp_path: Path, endpoint:
 
 @pytest.mark.parametrize("command", [[], ["run"], ["validate"]])
 def test_an_invalid_job_exits_2_with_each_problem_on_its_own_line(
-    tmp_path: Path, endpoint: LiveEndpoint, command: list[str]
+    tmp_path: Path, endpoint: LiveEndpoint, command: list[str], make_job: MakeJob
 ) -> None:
-    job, _ = small_job(
-        tmp_path, endpoint.url,
-        input={"prompt_column": "promt"}, params={"top_p": 1.5}, run={"concurency": 2},
+    job = make_job(url=endpoint.url, input={"prompt_column": "promt"}, params={"top_p": 1.5}, run={"concurency": 2},
     )
-    result = invoke(*command, job)
+    result = invoke(*command, job.path)
     assert result.exit_code == 2
     assert handled(result)
     assert result.stdout == ""
     assert sorted(result.stderr.splitlines()) == sorted(
         [
-            f"batchrun: error: {job}: unknown key 'concurency' in [run] (did you mean 'concurrency'?)",
-            f"batchrun: error: {job}: params.top_p: must be <= 1.0 (got 1.5)",
-            f"batchrun: error: {job}: input.prompt_column: column 'promt' is not in the input "
+            f"batchrun: error: {job.path}: unknown key 'concurency' in [run] (did you mean 'concurrency'?)",
+            f"batchrun: error: {job.path}: params.top_p: must be <= 1.0 (got 1.5)",
+            f"batchrun: error: {job.path}: input.prompt_column: column 'promt' is not in the input "
             "(columns: id, topic, prompt); did you mean 'prompt'?",
         ]
     )
@@ -400,41 +395,39 @@ def test_a_missing_job_file_exits_2(tmp_path: Path) -> None:
     assert result.stderr == f"batchrun: error: {tmp_path / 'nope.toml'}: job file not found\n"
 
 
-def test_duplicate_ids_exit_2_naming_them_before_anything_is_sent(tmp_path: Path, endpoint: LiveEndpoint) -> None:
+def test_duplicate_ids_exit_2_naming_them_before_anything_is_sent(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
     rows = prompt_rows(4)
     rows[3]["id"] = rows[1]["id"]
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
+    job = make_job(rows, url=endpoint.url)
     for command in (["validate"], []):
-        result = invoke(*command, job)
+        result = invoke(*command, job.path)
         assert result.exit_code == 2
         assert result.stderr == (
-            f"batchrun: error: {job.resolve()}: input.id_column: column 'id' must be unique; "
+            f"batchrun: error: {job.path.resolve()}: input.id_column: column 'id' must be unique; "
             "duplicated: 'r000001'\n"
         )
     assert endpoint.log.requests == 0
 
 
 def test_an_output_path_that_is_a_directory_is_refused_before_anything_is_sent(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
     """Finding out only after every row was paid for, with a traceback, is the wrong time."""
-    job, _ = small_job(tmp_path, endpoint.url)
-    output_of(tmp_path).mkdir(parents=True)
+    job = make_job(url=endpoint.url)
+    job.output().mkdir(parents=True)
     for command in (["validate"], []):
-        result = invoke(*command, job)
+        result = invoke(*command, job.path)
         assert result.exit_code == 2, result.output
         assert handled(result), result.exception
-        assert result.stderr.startswith(f"batchrun: error: {job}: output.path: "), result.stderr
+        assert result.stderr.startswith(f"batchrun: error: {job.path}: output.path: "), result.stderr
     assert endpoint.log.requests == 0
 
 
-def test_an_unexpected_error_is_one_message_line_without_a_traceback(tmp_path: Path) -> None:
+def test_an_unexpected_error_is_one_message_line_without_a_traceback(tmp_path: Path, make_job: MakeJob) -> None:
     """The output folder cannot be made (a file stands in its place): the user gets a message."""
-    write_csv(tmp_path / "input.csv", prompt_rows(2))
-    job = write_job(tmp_path, "builtin")
+    job = make_job(2, url="builtin")
     (tmp_path / "out").write_text("not a folder")
-    proc = cli(job, cwd=tmp_path)
+    proc = cli(job.path, cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("batchrun: error: "), proc.stderr
@@ -516,14 +509,13 @@ def test_an_invalid_job_exits_2_without_a_traceback_from_the_installed_command(t
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unset_key_variable_exits_2_from_the_installed_command(tmp_path: Path) -> None:
-    write_csv(tmp_path / "input.csv", prompt_rows(2))
-    job = write_job(tmp_path, "builtin", endpoint={"api_key_env": "BATCHRUN_TEST_UNSET_KEY"})
+def test_an_unset_key_variable_exits_2_from_the_installed_command(tmp_path: Path, make_job: MakeJob) -> None:
+    job = make_job(2, url="builtin", endpoint={"api_key_env": "BATCHRUN_TEST_UNSET_KEY"})
     proc = cli("job.toml", cwd=tmp_path, unset=("BATCHRUN_TEST_UNSET_KEY",))
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == (
-        f"batchrun: error: {job}: endpoint.api_key_env: environment variable BATCHRUN_TEST_UNSET_KEY "
+        f"batchrun: error: {job.path}: endpoint.api_key_env: environment variable BATCHRUN_TEST_UNSET_KEY "
         "is not set (it should hold the endpoint's API key)\n"
     )
 

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import invoke, prompt_rows, write_csv, write_job
 
-from batchrun.inputcheck import RESULT_COLUMNS, open_job
 from batchrun.errors import JobError
+from batchrun.inputcheck import RESULT_COLUMNS, open_job
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "sk-CANARY-123"

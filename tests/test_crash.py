@@ -28,11 +28,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import (
     BATCHRUN,
+    MakeJob,
     StderrWatch,
     assert_exact,
     assert_final_files_readable,
     cli,
     expected_output,
+    marker_of,
     output_of,
     prompt_rows,
     state_of,
@@ -51,10 +53,6 @@ SOURCE = Path(__file__).parent.parent / "batchrun"
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def success_of(folder: Path) -> Path:
-    return folder / "out" / "result.parquet.SUCCESS"
 
 
 def saved_rows(folder: Path, rows: list[dict[str, Any]]) -> set[int]:
@@ -84,8 +82,8 @@ def check_after_a_crash(folder: Path, versions: list[list[dict[str, Any]]]) -> N
     if output.exists():
         tallies = [tally(output, v) for v in versions]
         assert EXACT in tallies, f"the output is not exact for any input version: {tallies}"
-    if success_of(folder).exists():
-        marker = json.loads(success_of(folder).read_text(encoding="utf-8"))
+    if marker_of(folder).exists():
+        marker = json.loads(marker_of(folder).read_text(encoding="utf-8"))
         assert output.exists(), "a success marker without the output"
         assert pq.read_metadata(output).num_rows == marker["rows"]
 
@@ -297,7 +295,7 @@ def test_a_crash_right_after_each_commit_step_leaves_readable_files_and_the_reru
     assert tally(output, rows) == EXACT
     assert_exact(output, rows)
     assert [i for i in sorted(saved) if rows[i]["prompt"] in again] == [], "saved answers were sent again"
-    assert json.loads(success_of(tmp_path).read_text())["rows"] == len(rows), "no success marker after the rerun"
+    assert json.loads(marker_of(tmp_path).read_text())["rows"] == len(rows), "no success marker after the rerun"
     assert tmp_files(tmp_path / "out") == [], "the rerun left a crashed run's temporary files"
 
 
@@ -361,13 +359,12 @@ def test_a_reader_of_an_output_being_rewritten_sees_the_old_file_whole_until_the
 
 
 def test_sigterm_lets_requests_in_flight_land_saves_them_says_so_and_the_same_command_sends_none_again(
-    tmp_path: Path,
+    tmp_path: Path, make_job: MakeJob
 ) -> None:
     rows = prompt_rows(400)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(ServerOptions(latency_s=0.05)) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_interval_s": 30})
-        run = StderrWatch(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_interval_s": 30})
+        run = StderrWatch(job.path)
         wait_for(lambda: ep.log.requests >= 10 or run.proc.poll() is not None, "ten requests")
         run.proc.send_signal(signal.SIGTERM)
         code, err = run.finish()
@@ -376,28 +373,27 @@ def test_sigterm_lets_requests_in_flight_land_saves_them_says_so_and_the_same_co
         assert err.rstrip().endswith(
             "batchrun: error: interrupted by SIGTERM: progress saved; run the same command to resume"
         ), err
-        assert not output_of(tmp_path).exists()
+        assert not job.output().exists()
         check_after_a_crash(tmp_path, [rows])
         # Everything the first run sent landed within the grace and was saved (no interval
         # checkpoint ran: checkpoint_interval_s is 30), so none of it is sent again.
         assert saved_rows(tmp_path, rows) == {i for i, r in enumerate(rows) if r["prompt"] in first}
         mark = len(ep.log.prompts_received)
-        second = cli(job)
+        second = cli(job.path)
         again = set(ep.log.prompts_received[mark:])
     assert second.returncode == 0, second.stderr
     assert first & again == set()
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 @pytest.mark.parametrize("spacing", ["after the stop notice", "back to back"])
 def test_a_second_sigterm_exits_at_once_with_130_even_with_requests_hanging_and_the_rerun_is_exact(
-    tmp_path: Path, spacing: str
+    tmp_path: Path, spacing: str, make_job: MakeJob
 ) -> None:
     rows = prompt_rows(200)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, prompts: "hang") as ep:
-        job = write_job(tmp_path, ep.url, endpoint={"timeout_s": 120}, run={"grace_s": 30})
-        run = StderrWatch(job)
+        job = make_job(rows, url=ep.url, endpoint={"timeout_s": 120}, run={"grace_s": 30})
+        run = StderrWatch(job.path)
         wait_for(lambda: ep.log.requests >= 1, "a request in flight")
         run.proc.send_signal(signal.SIGTERM)
         if spacing == "after the stop notice":
@@ -417,17 +413,16 @@ def test_a_second_sigterm_exits_at_once_with_130_even_with_requests_hanging_and_
         check_after_a_crash(tmp_path, [rows])
 
         ep.rule = None
-        second = cli(job)
+        second = cli(job.path)
     assert second.returncode == 0, second.stderr
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
-def test_one_sigterm_with_requests_hanging_waits_grace_s_then_exits_130(tmp_path: Path) -> None:
+def test_one_sigterm_with_requests_hanging_waits_grace_s_then_exits_130(tmp_path: Path, make_job: MakeJob) -> None:
     rows = prompt_rows(100)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, prompts: "hang") as ep:
-        job = write_job(tmp_path, ep.url, endpoint={"timeout_s": 120}, run={"grace_s": 0.5})
-        run = StderrWatch(job)
+        job = make_job(rows, url=ep.url, endpoint={"timeout_s": 120}, run={"grace_s": 0.5})
+        run = StderrWatch(job.path)
         wait_for(lambda: ep.log.requests >= 1, "a request in flight")
         sent = time.monotonic()
         run.proc.send_signal(signal.SIGTERM)
@@ -438,14 +433,13 @@ def test_one_sigterm_with_requests_hanging_waits_grace_s_then_exits_130(tmp_path
     assert 0.5 <= took < 0.5 + 2.0, f"exited {took:.2f}s after SIGTERM with grace_s 0.5"
 
 
-def test_sigterm_then_sigkill_during_the_grace_as_a_scheduler_does_leaves_a_resumable_state(tmp_path: Path) -> None:
+def test_sigterm_then_sigkill_during_the_grace_as_a_scheduler_does_leaves_a_resumable_state(tmp_path: Path, make_job: MakeJob) -> None:
     rows = prompt_rows(200)
-    write_csv(tmp_path / "input.csv", rows)
     hanging = {"on": False}
     with LiveEndpoint(ServerOptions(latency_s=0.01), rule=lambda n, p: "hang" if hanging["on"] else None) as ep:
-        job = write_job(tmp_path, ep.url, endpoint={"timeout_s": 120},
+        job = make_job(rows, url=ep.url, endpoint={"timeout_s": 120},
                         run={"grace_s": 30, "checkpoint_rows": 16, "checkpoint_interval_s": 0.05})
-        run = StderrWatch(job)
+        run = StderrWatch(job.path)
         wait_for(lambda: ep.log.requests >= 12, "twelve requests")
         hanging["on"] = True
         wait_for(lambda: ep.log.in_flight >= 1, "a hanging request")
@@ -457,27 +451,26 @@ def test_sigterm_then_sigkill_during_the_grace_as_a_scheduler_does_leaves_a_resu
         check_after_a_crash(tmp_path, [rows])
         assert saved_rows(tmp_path, rows), "nothing was saved before the kill"
         hanging["on"] = False
-        assert cli(job).returncode == 0
-    assert_exact(output_of(tmp_path), rows)
+        assert cli(job.path).returncode == 0
+    assert_exact(job.output(), rows)
 
 
 @pytest.mark.parametrize("held", ["plan.lock", "merge.lock"])
 def test_sigterm_while_waiting_outside_the_request_loop_still_exits_130_saying_progress_is_saved(
-    tmp_path: Path, held: str
+    tmp_path: Path, held: str, make_job: MakeJob
 ) -> None:
     """A scheduler's SIGTERM can come at any moment, not only while requests are out: here while
     the run waits for the planning lock (held by a shard planning) or for the output lock (held by
     another process writing the output)."""
     rows = prompt_rows(64)
-    write_csv(tmp_path / "input.csv", rows)
-    state = state_of(tmp_path)
-    state.mkdir(parents=True)
-    fd = os.open(state / held, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with LiveEndpoint() as ep:
-            job = write_job(tmp_path, ep.url, run={"checkpoint_rows": 16})
-            run = StderrWatch(job)
+    with LiveEndpoint() as ep:
+        job = make_job(rows, url=ep.url, run={"checkpoint_rows": 16})
+        state = job.state()
+        state.mkdir(parents=True)
+        fd = os.open(state / held, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            run = StderrWatch(job.path)
             if held == "plan.lock":
                 wait_for(lambda: f"pid {run.proc.pid} " in (state / "lock").read_text()
                          if (state / "lock").exists() else False, "the run lock taken")
@@ -487,8 +480,8 @@ def test_sigterm_while_waiting_outside_the_request_loop_still_exits_130_saying_p
             assert run.proc.poll() is None, "the run did not wait for the lock"
             run.proc.send_signal(signal.SIGTERM)
             code, err = run.finish()
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
     assert code == 130, f"exit {code}: {err}"
     assert "progress saved; run the same command to resume" in err
     check_after_a_crash(tmp_path, [rows])
@@ -562,7 +555,7 @@ def test_a_full_disk_at_any_write_exits_74_with_one_clear_line_and_the_same_comm
         assert "Traceback" not in full.stderr
         check_after_a_crash(folder, [rows])
         assert tmp_files(folder / "out") == [], "a failed write left its temporary file"
-        assert not output_of(folder).exists() and not success_of(folder).exists()
+        assert not output_of(folder).exists() and not marker_of(folder).exists()
 
         again = cli(job)
     assert again.returncode == 0, again.stderr

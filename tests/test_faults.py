@@ -26,6 +26,7 @@ import polars as pl
 import pytest
 from conftest import (
     BATCHRUN,
+    MakeJob,
     StderrWatch,
     assert_exact,
     cli,
@@ -136,32 +137,30 @@ def test_each_fault_kind_on_a_third_of_requests_is_retried_under_its_class_and_t
     [("429ra", 1.0, 1.6), ("503ra", 1.0, 1.6), ("429date", 1.0, 2.6), ("503date", 1.0, 2.6)],
 )
 def test_retry_after_in_seconds_or_as_an_http_date_delays_the_next_request_that_long(
-    tmp_path: Path, kind: str, at_least_s: float, at_most_s: float
+    tmp_path: Path, kind: str, at_least_s: float, at_most_s: float, make_job: MakeJob
 ) -> None:
     """``Retry-After: 1``, or a date 1-2 s ahead, on the first request only: the next request
     arrives at least that long after the answer went out, and not much later."""
     rows = prompt_rows(8)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, p: kind if n == 1 else None, retry_after="1", retry_after_date_s=2.0) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1})
-        summary = run_job(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 4, "concurrency": 1})
+        summary = run_job(job.path)
     first, second = ep.log.arrivals[:2]
     assert first.fault == kind and first.answered_at is not None
     waited = second.at - first.answered_at
     print(f"{kind}: next request {waited:.3f}s after the answer")
     assert at_least_s - 0.01 <= waited <= at_most_s
     assert summary.retries_by_cause == {CAUSE[kind]: 1}
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
-def test_a_retry_after_longer_than_retry_after_max_s_is_capped(tmp_path: Path) -> None:
+def test_a_retry_after_longer_than_retry_after_max_s_is_capped(tmp_path: Path, make_job: MakeJob) -> None:
     """``Retry-After: 30`` with ``retry_after_max_s = 0.3``: the run waits about 0.3 s, not 30."""
     rows = prompt_rows(8)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, p: "429ra" if n == 1 else None, retry_after="30") as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1, "retry_after_max_s": 0.3})
+        job = make_job(rows, url=ep.url, run={"batch_size": 4, "concurrency": 1, "retry_after_max_s": 0.3})
         started = time.monotonic()
-        summary = run_job(job)
+        summary = run_job(job.path)
         took = time.monotonic() - started
     first, second = ep.log.arrivals[:2]
     assert first.answered_at is not None
@@ -170,20 +169,19 @@ def test_a_retry_after_longer_than_retry_after_max_s_is_capped(tmp_path: Path) -
     assert 0.29 <= waited < 1.0
     assert took < 5
     assert summary.exit_code == 0
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 # --- 3. a 429 slows the whole run -----------------------------------------------------------------
 
 
-def test_a_429_with_retry_after_pauses_every_worker_not_only_the_request_that_got_it(tmp_path: Path) -> None:
+def test_a_429_with_retry_after_pauses_every_worker_not_only_the_request_that_got_it(tmp_path: Path, make_job: MakeJob) -> None:
     """Concurrency 4, answers taking 0.2 s, ``Retry-After: 1`` on request 6: no request at all
     arrives from just after that answer until about 1 s later; then the run goes on."""
     rows = prompt_rows(64)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(ServerOptions(latency_s=0.2), rule=lambda n, p: "429ra" if n == 6 else None) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 2, "concurrency": 4})
-        summary = run_job(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 2, "concurrency": 4})
+        summary = run_job(job.path)
     arrivals = ep.log.arrivals
     hit = arrivals[5]
     assert hit.fault == "429ra" and hit.answered_at is not None
@@ -194,7 +192,7 @@ def test_a_429_with_retry_after_pauses_every_worker_not_only_the_request_that_go
     assert during == [], f"{len(during)} requests arrived during the shared pause"
     assert len(after) > 8
     assert summary.exit_code == 0
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 def test_a_429_pause_also_holds_requests_already_queued_on_the_rate_limit(tmp_path: Path) -> None:
@@ -222,7 +220,7 @@ def test_a_429_pause_also_holds_requests_already_queued_on_the_rate_limit(tmp_pa
 
 @pytest.mark.parametrize("status", [400, 413, 422])
 def test_poison_prompts_fail_alone_as_rejected_and_halving_costs_two_requests_per_level(
-    tmp_path: Path, status: int
+    tmp_path: Path, status: int, make_job: MakeJob
 ) -> None:
     """Five prompts the endpoint always refuses, each in its own batch of 16: each fails alone
     ("rejected: HTTP <status>"), its 15 neighbours succeed, and finding it costs exactly
@@ -230,10 +228,9 @@ def test_poison_prompts_fail_alone_as_rejected_and_halving_costs_two_requests_pe
     rows = prompt_rows(160)
     positions = [5, 40, 77, 100, 159]  # batches 0, 2, 4, 6 and 9
     poison = poisoned(rows, positions)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=shared_faults(0, [], seed=0, always_reject=poison, reject_status=status)) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 16, "concurrency": 4})
-        summary = run_job(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 16, "concurrency": 4})
+        summary = run_job(job.path)
     levels = int(math.log2(16))
     print(f"HTTP {status}: {ep.log.requests} requests for 10 batches with 5 poison prompts")
     assert ep.log.requests == summary.requests == 10 + 5 * 2 * levels
@@ -242,7 +239,7 @@ def test_poison_prompts_fail_alone_as_rejected_and_halving_costs_two_requests_pe
     assert len(ep.log.prompts_received) == 160 + 5 * (16 + 8 + 4 + 2)
     assert summary.retries_by_cause == {}
     assert (summary.exit_code, summary.failed, summary.failed_by_class) == (3, 5, {"rejected": 5})
-    df = pl.read_parquet(output_of(tmp_path))
+    df = pl.read_parquet(job.output())
     assert df["id"].to_list() == [r["id"] for r in rows]
     for i, (got, r) in enumerate(zip(df.iter_rows(named=True), rows)):
         if i in positions:
@@ -259,63 +256,61 @@ def test_poison_prompts_fail_alone_as_rejected_and_halving_costs_two_requests_pe
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_refused_key_stops_the_cli_at_once_with_exit_4_and_the_fixed_key_completes(
-    tmp_path: Path, status: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, status: int, monkeypatch: pytest.MonkeyPatch, make_job: MakeJob
 ) -> None:
     """A wrong key: exit 4 with a message naming the key, no more requests than workers, no
     output, no row marked failed. The right key in the variable: the same job completes."""
     rows = prompt_rows(200)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(api_keys={"the-right-key"}, refuse_status=status) as ep:
-        job = write_job(tmp_path, ep.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 4})
+        job = make_job(rows, url=ep.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 4})
         started = time.monotonic()
-        refused = cli(job, cwd=tmp_path, env={KEY_ENV: "a-wrong-key"})
+        refused = cli(job.path, cwd=tmp_path, env={KEY_ENV: "a-wrong-key"})
         took = time.monotonic() - started
         assert refused.returncode == 4, refused.stderr
         assert f"batchrun: error: the endpoint refused the credentials (HTTP {status}): check the API key" in refused.stderr
         assert ep.log.faults == {str(status): ep.log.requests}
         assert 1 <= ep.log.requests <= 4, "requests went on after the key was refused"
         assert took < 10
-        assert not output_of(tmp_path).exists()
-        errors = committed_results(state_of(tmp_path)).column("error")
+        assert not job.output().exists()
+        errors = committed_results(job.state()).column("error")
         assert errors.null_count == len(errors), "a row was marked failed because of the key"
 
         first = ep.log.requests
         monkeypatch.setenv(KEY_ENV, "the-right-key")
-        assert run_job(job).exit_code == 0
+        assert run_job(job.path).exit_code == 0
         assert all(a.headers["Authorization"] == "Bearer the-right-key" for a in ep.log.arrivals[first:])
         assert Counter(ep.log.prompts_received[-200:]) == Counter(r["prompt"] for r in rows)
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 # --- 6. outage ---------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
-def test_connection_refused_stops_the_cli_early_with_exit_4_and_a_new_api_base_completes(tmp_path: Path) -> None:
+def test_connection_refused_stops_the_cli_early_with_exit_4_and_a_new_api_base_completes(tmp_path: Path, make_job: MakeJob) -> None:
     """An endpoint that is gone (its port refuses connections): the run stops within a few seconds
     with exit 4 and says progress is kept; pointed at the endpoint's new address (api_base is not
     pinned), the same job completes, each prompt sent once."""
     rows = prompt_rows(2000)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint() as gone:
         dead_url = gone.url
-    job = write_job(tmp_path, dead_url, run={"batch_size": 16, "concurrency": 8, "outage_after_failures": 10})
+    job = make_job(rows, url=dead_url, run={"batch_size": 16, "concurrency": 8, "outage_after_failures": 10})
     started = time.monotonic()
-    stopped = cli(job, cwd=tmp_path)
+    stopped = cli(job.path, cwd=tmp_path)
     took = time.monotonic() - started
     print(f"connection refused: stopped after {took:.2f}s: {stopped.stderr.strip().splitlines()[-1]}")
     assert stopped.returncode == 4, stopped.stderr
     assert "failed 10 attempts in a row (last: connection: " in stopped.stderr
     assert "stopped early with progress kept" in stopped.stderr
     assert took < 10
-    assert not output_of(tmp_path).exists()
-    assert committed_results(state_of(tmp_path)).num_rows == 0
+    assert not job.output().exists()
+    assert committed_results(job.state()).num_rows == 0
 
     with LiveEndpoint() as back:
         write_job(tmp_path, back.url, run={"batch_size": 16, "concurrency": 8, "outage_after_failures": 10})
-        assert run_job(job).exit_code == 0
+        assert run_job(job.path).exit_code == 0
         assert Counter(back.log.prompts_received) == Counter(r["prompt"] for r in rows)
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 @pytest.mark.timeout(60)
@@ -371,21 +366,20 @@ def _prompts_by_arrival(log: Any) -> list[tuple[Arrival, str]]:
 
 
 @pytest.mark.timeout(60)
-def test_a_5000_row_job_against_an_endpoint_down_from_the_start_marks_no_row_failed(tmp_path: Path) -> None:
+def test_a_5000_row_job_against_an_endpoint_down_from_the_start_marks_no_row_failed(tmp_path: Path, make_job: MakeJob) -> None:
     """503 to everything with the default outage threshold (20): the run stops within
     20 + concurrency requests, well within a few seconds, with not one row marked failed."""
     rows = prompt_rows(5000)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, p: "503") as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
+        job = make_job(rows, url=ep.url, run={"batch_size": 16, "concurrency": 8, "max_retries": 5})
         started = time.monotonic()
         with pytest.raises(OutageError):
-            run_job(job)
+            run_job(job.path)
         took = time.monotonic() - started
     print(f"down from the start: {ep.log.requests} requests, {took:.2f}s")
     assert 20 <= ep.log.requests <= 20 + 8
     assert took < 10
-    errors = committed_results(state_of(tmp_path)).column("error")
+    errors = committed_results(job.state()).column("error")
     assert errors.null_count == len(errors), "rows were marked failed by an outage"
 
 
@@ -466,18 +460,17 @@ def test_a_20_row_job_against_a_dead_endpoint_exits_4_with_no_row_failed_no_outp
 
 
 @pytest.mark.timeout(60)
-def test_an_endpoint_gone_mid_run_is_an_outage_even_after_it_answered_others(tmp_path: Path) -> None:
+def test_an_endpoint_gone_mid_run_is_an_outage_even_after_it_answered_others(tmp_path: Path, make_job: MakeJob) -> None:
     """The endpoint answers some requests, then its port closes. ``outage_after_failures`` is out
     of reach (1000), so only the rule stops the run: a batch whose last attempt could not connect
     at all is the endpoint's fault (exit 4), not its rows'. Answered rows are kept; the rerun
     against the endpoint's new address sends only the others."""
     rows = prompt_rows(400)
-    write_csv(tmp_path / "input.csv", rows)
     run = {"batch_size": 4, "concurrency": 2, "max_retries": 2, "outage_after_failures": 1000,
            "checkpoint_rows": 16, "checkpoint_interval_s": 0.2}
     with LiveEndpoint(ServerOptions(latency_s=0.05)) as ep:
-        job = write_job(tmp_path, ep.url, run=run)
-        proc = subprocess.Popen([str(BATCHRUN), str(job)], cwd=tmp_path, stdout=subprocess.PIPE,
+        job = make_job(rows, url=ep.url, run=run)
+        proc = subprocess.Popen([str(BATCHRUN), str(job.path)], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
             wait_for(lambda: ep.log.requests >= 10 or proc.poll() is not None, "ten requests")
@@ -491,18 +484,18 @@ def test_an_endpoint_gone_mid_run_is_an_outage_even_after_it_answered_others(tmp
             proc.kill()
     assert proc.returncode == 4, err
     assert error_line(err).startswith("batchrun: error: cannot connect to the endpoint (ClientConnectorError: ")
-    kept = committed_results(state_of(tmp_path)).to_pylist()
+    kept = committed_results(job.state()).to_pylist()
     assert [r for r in kept if r["error"] is not None] == [], "rows were marked failed for the endpoint's fault"
     assert len(kept) >= 8
-    assert not output_of(tmp_path).exists()
+    assert not job.output().exists()
 
     with LiveEndpoint() as back:
         write_job(tmp_path, back.url, run=run)
-        assert run_job(job).exit_code == 0
+        assert run_job(job.path).exit_code == 0
         assert Counter(back.log.prompts_received) == Counter(
             r["prompt"] for i, r in enumerate(rows) if i not in {k["row"] for k in kept}
         )
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 # --- 7. rows that exhaust their retries ------------------------------------------------------------
@@ -605,20 +598,19 @@ def test_a_rate_limit_holds_within_5_percent_at_concurrency_8_measured_in_the_en
 
 
 @pytest.mark.timeout(30)
-def test_a_307_redirect_is_not_followed_the_target_gets_nothing_and_the_cli_exits_4(tmp_path: Path) -> None:
+def test_a_307_redirect_is_not_followed_the_target_gets_nothing_and_the_cli_exits_4(tmp_path: Path, make_job: MakeJob) -> None:
     rows = prompt_rows(40)
-    write_csv(tmp_path / "input.csv", rows)
     canary = f"sk-canary-{uuid.uuid4().hex}"
     with LiveEndpoint() as target, LiveEndpoint(rule=lambda n, p: "redirect", redirect_to=target.url) as redirector:
-        job = write_job(tmp_path, redirector.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 2})
-        result = cli(job, cwd=tmp_path, env={KEY_ENV: canary})
+        job = make_job(rows, url=redirector.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 2})
+        result = cli(job.path, cwd=tmp_path, env={KEY_ENV: canary})
         assert result.returncode == 4, result.stderr
         assert "redirected (HTTP 307)" in result.stderr and "redirects are not followed" in result.stderr
         assert target.log.requests == 0, "the redirect was followed"
         assert 1 <= redirector.log.requests <= 2
     assert canary not in result.stdout + result.stderr
-    assert not output_of(tmp_path).exists()
-    errors = committed_results(state_of(tmp_path)).column("error")
+    assert not job.output().exists()
+    errors = committed_results(job.state()).column("error")
     assert errors.null_count == len(errors)
 
 
@@ -678,7 +670,7 @@ def test_an_endpoint_quoting_the_key_in_its_error_body_does_not_leak_it_into_mes
 
 
 @pytest.mark.timeout(60)
-def test_tls_verification_stays_on_a_self_signed_endpoint_gets_no_request_until_trusted(tmp_path: Path) -> None:
+def test_tls_verification_stays_on_a_self_signed_endpoint_gets_no_request_until_trusted(tmp_path: Path, make_job: MakeJob) -> None:
     """https to an endpoint with a self-signed certificate: no request reaches it and the CLI
     stops with exit 4 naming the certificate; trusting the certificate (SSL_CERT_FILE) makes the
     same job complete, so the refusal was verification and nothing else."""
@@ -695,18 +687,17 @@ def test_tls_verification_stays_on_a_self_signed_endpoint_gets_no_request_until_
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     rows = prompt_rows(20)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(ssl_context=context) as ep:
         assert ep.url.startswith("https://")
-        job = write_job(tmp_path, ep.url, run={"concurrency": 2, "max_retries": 1, "outage_after_failures": 3})
-        refused = cli(job, cwd=tmp_path)
+        job = make_job(rows, url=ep.url, run={"concurrency": 2, "max_retries": 1, "outage_after_failures": 3})
+        refused = cli(job.path, cwd=tmp_path)
         assert refused.returncode == 4, refused.stderr
         assert "certificate verify failed" in refused.stderr
         assert ep.log.requests == 0
-        trusted = cli(job, cwd=tmp_path, env={"SSL_CERT_FILE": str(cert)})
+        trusted = cli(job.path, cwd=tmp_path, env={"SSL_CERT_FILE": str(cert)})
         assert trusted.returncode == 0, trusted.stderr
         assert ep.log.requests > 0
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 # --- 10. accounting --------------------------------------------------------------------------------
@@ -854,16 +845,15 @@ def test_the_retry_log_gives_the_first_failure_at_once_then_one_line_per_interva
 
 
 @pytest.mark.timeout(60)
-def test_off_a_terminal_failed_attempts_are_logged_as_they_happen_and_never_carry_the_key(tmp_path: Path) -> None:
+def test_off_a_terminal_failed_attempts_are_logged_as_they_happen_and_never_carry_the_key(tmp_path: Path, make_job: MakeJob) -> None:
     """The CLI with stderr a pipe (cron): an endpoint failing three attempts with an error body
     quoting the key. The first failure is logged at once, the rest summed when the run ends; the
     key is redacted in both lines and appears nowhere in what was printed."""
     rows = prompt_rows(40)
-    write_csv(tmp_path / "input.csv", rows)
     canary = f"sk-canary-{uuid.uuid4().hex}"
     with LiveEndpoint(rule=lambda n, p: "500echo" if n <= 3 else None) as ep:
-        job = write_job(tmp_path, ep.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 1})
-        result = cli(job, cwd=tmp_path, env={KEY_ENV: canary})
+        job = make_job(rows, url=ep.url, endpoint={"api_key_env": KEY_ENV}, run={"concurrency": 1})
+        result = cli(job.path, cwd=tmp_path, env={KEY_ENV: canary})
     assert result.returncode == 0, result.stderr
     body = re.escape('{"message": "invalid credentials: Bearer [redacted]", "data": []}')
     warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
@@ -875,7 +865,7 @@ def test_off_a_terminal_failed_attempts_are_logged_as_they_happen_and_never_carr
         warnings[1],
     )
     assert canary not in result.stdout + result.stderr
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 # --- 13. after Ctrl-C or SIGTERM nothing new is sent ------------------------------------------------
@@ -897,7 +887,7 @@ def assert_stopped_and_nothing_sent_after(
 
 @pytest.mark.timeout(60)
 def test_after_ctrl_c_a_worker_waiting_to_retry_sends_nothing_and_the_rows_its_batch_answered_are_kept(
-    tmp_path: Path,
+    tmp_path: Path, make_job: MakeJob
 ) -> None:
     """One worker. Requests 1-3 are answered (rows 0-11); request 4 (rows 12-15) has its first
     echo altered, so 13-15 are answered and row 12 is retried; request 5 gets 503 with
@@ -905,39 +895,37 @@ def test_after_ctrl_c_a_worker_waiting_to_retry_sends_nothing_and_the_rows_its_b
     after the signal, rows 0-11 and 13-15 kept, row 12 unresolved (not failed); the rerun sends
     exactly row 12 and the rows never sent."""
     rows = prompt_rows(64)
-    write_csv(tmp_path / "input.csv", rows)
     rule = lambda n, p: None if n <= 3 else "alter" if n == 4 else "503ra"  # noqa: E731
     with LiveEndpoint(rule=rule, retry_after="4") as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 1, "checkpoint_rows": 16})
-        child = StderrWatch(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 4, "concurrency": 1, "checkpoint_rows": 16})
+        child = StderrWatch(job.path)
         wait_for(lambda: ep.log.faults.get("503ra") == 1 and ep.log.in_flight == 0 or child.proc.poll() is not None,
                  "the 503 that starts a 4 s wait")
         signalled_at = time.monotonic()
         child.proc.send_signal(signal.SIGINT)
         assert_stopped_and_nothing_sent_after(child, ep, signalled_at, within_s=3)
-        kept = committed_results(state_of(tmp_path)).to_pylist()
+        kept = committed_results(job.state()).to_pylist()
         assert sorted(r["row"] for r in kept) == [*range(12), 13, 14, 15]
         assert [r for r in kept if r["error"] is not None] == [], "a row was marked failed by the stop"
 
         ep.rule = None
         first = len(ep.log.prompts_received)
-        assert run_job(job).exit_code == 0
+        assert run_job(job.path).exit_code == 0
         assert Counter(ep.log.prompts_received[first:]) == Counter(r["prompt"] for r in [rows[12], *rows[16:]])
-    assert_exact(output_of(tmp_path), rows)
+    assert_exact(job.output(), rows)
 
 
 @pytest.mark.timeout(60)
-def test_after_ctrl_c_workers_held_by_a_429_pause_send_nothing_more(tmp_path: Path) -> None:
+def test_after_ctrl_c_workers_held_by_a_429_pause_send_nothing_more(tmp_path: Path, make_job: MakeJob) -> None:
     """Two workers. The faster request gets 429 with ``Retry-After: 4`` at once: its worker waits
     to retry and the whole run pauses. The slower one (0.5 s) is answered meanwhile, so its
     worker's next request waits for the pause to end. Ctrl-C: both waits end at once (exit 130,
     no third request), the answered rows are kept and none is failed."""
     rows = prompt_rows(40)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(ServerOptions(latency_s=0.5), rule=lambda n, p: "429ra" if n == 2 else None,
                       retry_after="4") as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_rows": 8})
-        child = StderrWatch(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_rows": 8})
+        child = StderrWatch(job.path)
         wait_for(lambda: ep.log.requests == 2 and ep.log.in_flight == 0 and any(
             "retrying: first failed attempt: http_429" in line for line in child.lines
         ) or child.proc.poll() is not None, "a 429 and the other request answered")
@@ -946,7 +934,7 @@ def test_after_ctrl_c_workers_held_by_a_429_pause_send_nothing_more(tmp_path: Pa
         assert_stopped_and_nothing_sent_after(child, ep, signalled_at, within_s=3)
         answered = ep.log.arrivals[0]
         assert (ep.log.requests, answered.fault) == (2, None)
-        kept = committed_results(state_of(tmp_path)).to_pylist()
+        kept = committed_results(job.state()).to_pylist()
         assert len(kept) == 4 and [r for r in kept if r["error"] is not None] == []
 
 

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import Result
-from conftest import assert_exact, invoke, prompt_rows, state_of, write_csv, write_job
+from conftest import MakeJob, assert_exact, invoke, prompt_rows, state_of, write_csv, write_job
 from endpoint import LiveEndpoint
 
 from batchrun import inputcheck
-from batchrun.inputcheck import open_job
 from batchrun.errors import JobError
+from batchrun.inputcheck import open_job
 
 
 def refused(result: Result) -> str:
@@ -253,10 +253,9 @@ CHANGED = (
 )
 
 
-def test_the_plan_records_each_files_size_mtime_and_whole_content_sha256(tmp_path: Path) -> None:
-    write_csv(tmp_path / "input.csv", prompt_rows(20))
-    job = write_job(tmp_path, "builtin")
-    assert invoke(job).exit_code == 0
+def test_the_plan_records_each_files_size_mtime_and_whole_content_sha256(tmp_path: Path, make_job: MakeJob) -> None:
+    job = make_job(20, url="builtin")
+    assert invoke(job.path).exit_code == 0
     st = (tmp_path / "input.csv").stat()
     assert plan_of(tmp_path)["version"] == 2
     assert plan_of(tmp_path)["fingerprint"] == [{
@@ -265,15 +264,14 @@ def test_the_plan_records_each_files_size_mtime_and_whole_content_sha256(tmp_pat
     }]
 
 
-def test_a_same_size_edit_with_a_new_mtime_after_completion_is_refused(tmp_path: Path) -> None:
+def test_a_same_size_edit_with_a_new_mtime_after_completion_is_refused(tmp_path: Path, make_job: MakeJob) -> None:
     """Without an id column rows are keyed by position: the edited input cannot be resumed."""
-    write_csv(tmp_path / "input.csv", prompt_rows(50))
-    job = write_job(tmp_path, "builtin", input={"id_column": None})
-    assert invoke(job).exit_code == 0
+    job = make_job(50, url="builtin", input={"id_column": None})
+    assert invoke(job.path).exit_code == 0
     mtime = (tmp_path / "input.csv").stat().st_mtime_ns
     edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
     set_mtime(tmp_path / "input.csv", mtime + 10**9)
-    assert refused(invoke(job)) == CHANGED + f"{state_of(tmp_path)}"
+    assert refused(invoke(job.path)) == CHANGED + f"{job.state()}"
 
 
 @pytest.mark.slow
@@ -292,17 +290,16 @@ def test_a_same_size_edit_in_the_middle_of_a_file_over_64_mb_is_caught(tmp_path:
 
 
 def test_a_same_size_edit_with_a_new_mtime_is_planned_incrementally_with_an_id_column(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
     rows = prompt_rows(50)
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
-    assert invoke(job).exit_code == 0
+    job = make_job(rows, url=endpoint.url)
+    assert invoke(job.path).exit_code == 0
     mtime = (tmp_path / "input.csv").stat().st_mtime_ns
     edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
     set_mtime(tmp_path / "input.csv", mtime + 10**9)
     sent = len(endpoint.log.prompts_received)
-    result = invoke(job)
+    result = invoke(job.path)
     assert result.exit_code == 0, result.output
     assert "input changed: 49 rows reused, 1 changed, 0 new" in result.stdout
     assert endpoint.log.prompts_received[sent:] == ["Prompt numbex 25: say something"]
@@ -311,18 +308,17 @@ def test_a_same_size_edit_with_a_new_mtime_is_planned_incrementally_with_an_id_c
 
 
 def test_a_copy_with_a_new_mtime_but_the_same_bytes_is_accepted_and_its_new_mtime_recorded(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
-    write_csv(tmp_path / "input.csv", prompt_rows(50))
-    job = write_job(tmp_path, endpoint.url, input={"id_column": None})
-    assert invoke(job).exit_code == 0
+    job = make_job(50, url=endpoint.url, input={"id_column": None})
+    assert invoke(job.path).exit_code == 0
     before = plan_of(tmp_path)
     shutil.copyfile(tmp_path / "input.csv", tmp_path / "copy.csv")
     (tmp_path / "copy.csv").replace(tmp_path / "input.csv")
     mtime = before["fingerprint"][0]["mtime_ns"] + 10**9
     set_mtime(tmp_path / "input.csv", mtime)
     requests = endpoint.log.requests
-    result = invoke(job)
+    result = invoke(job.path)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("batchrun: nothing to do: all 50 rows are done")
     assert endpoint.log.requests == requests
@@ -331,17 +327,16 @@ def test_a_copy_with_a_new_mtime_but_the_same_bytes_is_accepted_and_its_new_mtim
 
 
 def test_an_edit_that_keeps_both_size_and_mtime_is_trusted_unread_the_documented_limit(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
     """A resume reads nothing of a file whose size and mtime equal the plan's: that is what keeps
     it fast, and why an edit whose mtime is set back goes unnoticed (README, [input])."""
-    write_csv(tmp_path / "input.csv", prompt_rows(50))
-    job = write_job(tmp_path, endpoint.url, input={"id_column": None})
-    assert invoke(job).exit_code == 0
+    job = make_job(50, url=endpoint.url, input={"id_column": None})
+    assert invoke(job.path).exit_code == 0
     mtime = (tmp_path / "input.csv").stat().st_mtime_ns
     edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
     set_mtime(tmp_path / "input.csv", mtime)
-    result = invoke(job)
+    result = invoke(job.path)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("batchrun: nothing to do: all 50 rows are done")
 
@@ -358,27 +353,25 @@ def as_version_1(folder: Path) -> None:
     (state_of(folder) / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
 
 
-def test_a_plan_of_version_1_still_resumes_compared_by_its_sample_hash(tmp_path: Path, endpoint: LiveEndpoint) -> None:
-    write_csv(tmp_path / "input.csv", prompt_rows(50))
-    job = write_job(tmp_path, endpoint.url, input={"id_column": None})
-    assert invoke(job).exit_code == 0
+def test_a_plan_of_version_1_still_resumes_compared_by_its_sample_hash(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
+    job = make_job(50, url=endpoint.url, input={"id_column": None})
+    assert invoke(job.path).exit_code == 0
     as_version_1(tmp_path)
     old = plan_of(tmp_path)
     set_mtime(tmp_path / "input.csv", old["fingerprint"][0]["mtime_ns"] + 10**9)  # v1 ignores mtimes
-    result = invoke(job)
+    result = invoke(job.path)
     assert result.stdout.startswith("batchrun: nothing to do: all 50 rows are done"), result.output
     assert plan_of(tmp_path) == old, "a version 1 plan is compared the old way, never rewritten"
     edit_in_place(tmp_path / "input.csv", b"Prompt number 25:", b"Prompt numbex 25:")
-    assert refused(invoke(job)) == CHANGED + f"{state_of(tmp_path)}"
+    assert refused(invoke(job.path)) == CHANGED + f"{job.state()}"
 
 
-def test_a_plan_from_a_newer_batchrun_is_refused_not_misread(tmp_path: Path) -> None:
-    write_csv(tmp_path / "input.csv", prompt_rows(10))
-    job = write_job(tmp_path, "builtin")
-    assert invoke(job).exit_code == 0
+def test_a_plan_from_a_newer_batchrun_is_refused_not_misread(tmp_path: Path, make_job: MakeJob) -> None:
+    job = make_job(10, url="builtin")
+    assert invoke(job.path).exit_code == 0
     plan = {**plan_of(tmp_path), "version": 3}
-    (state_of(tmp_path) / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
-    assert refused(invoke(job)) == (
+    (job.state() / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    assert refused(invoke(job.path)) == (
         "batchrun: error: the saved progress was planned by a newer batchrun (plan version 3); "
         "run it with that version, or run with --restart to discard it"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli, small_job, state_of
+from conftest import MakeJob, cli
 
 from batchrun.errors import StateError
 from batchrun.plan import PLAN_VERSION, Plan, segment_sizes
@@ -66,16 +66,16 @@ def test_segment_sizes_cover_every_row_once() -> None:
         assert list(sizes) == list(range(len(sizes)))
 
 
-def test_a_run_with_a_malformed_plan_stops_with_exit_2_and_sends_nothing(endpoint, tmp_path) -> None:
-    job, _ = small_job(tmp_path, endpoint.url, 8)
-    assert cli("run", str(job)).returncode == 0
-    plan_path = state_of(tmp_path) / "plan.json"
+def test_a_run_with_a_malformed_plan_stops_with_exit_2_and_sends_nothing(endpoint, make_job: MakeJob) -> None:
+    job = make_job(8, url=endpoint.url)
+    assert cli("run", str(job.path)).returncode == 0
+    plan_path = job.state() / "plan.json"
     doc = json.loads(plan_path.read_text())
     doc["segment_rows"] = "many"
     plan_path.write_text(json.dumps(doc))
     endpoint.stats.reset()
-    result = cli("run", str(job))
+    result = cli("run", str(job.path))
     assert result.returncode == 2, result.stderr
     assert "the plan is malformed (segment_rows is 'many')" in result.stderr
     assert endpoint.stats.requests == 0
-    assert cli("run", str(job), "--restart").returncode == 0
+    assert cli("run", str(job.path), "--restart").returncode == 0

@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import (
     PARAMS,
+    MakeJob,
     assert_exact,
+    cli,
     committed_results,
     expected_output,
     prompt_rows,
@@ -53,14 +55,13 @@ def fault_every_third(kind: str) -> Callable[[int, list[str]], str | None]:
 # --- 1. the issue's "done when" -----------------------------------------------------------------
 
 
-def test_3000_rows_batch_8_concurrency_4_make_375_requests_bounded_and_exact(tmp_path: Path) -> None:
+def test_3000_rows_batch_8_concurrency_4_make_375_requests_bounded_and_exact(tmp_path: Path, make_job: MakeJob) -> None:
     """375 requests, never more than 8 prompts in one nor 4 in flight, each row its own output,
     in input order, with every input column and the typed result columns."""
     rows = prompt_rows(3000)
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(ServerOptions(latency_s=0.005)) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 8, "concurrency": 4})
-        summary = run_job(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 8, "concurrency": 4})
+        summary = run_job(job.path)
     log = ep.log
     assert log.requests == 375
     assert summary.requests == 375 and summary.prompts_sent == 3000 and summary.prompts_resent == 0
@@ -86,15 +87,14 @@ def test_3000_rows_batch_8_concurrency_4_make_375_requests_bounded_and_exact(tmp
 # --- 2. a complete job rerun ------------------------------------------------------------------
 
 
-def test_rerun_of_a_complete_job_sends_nothing_and_says_nothing_to_do(tmp_path: Path, endpoint: LiveEndpoint) -> None:
+def test_rerun_of_a_complete_job_sends_nothing_and_says_nothing_to_do(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
     rows = prompt_rows(40)
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
-    assert run_job(job).status == "complete"
+    job = make_job(rows, url=endpoint.url)
+    assert run_job(job.path).status == "complete"
     out = tmp_path / "out" / "result.parquet"
     before, bytes_before = endpoint.log.requests, out.read_bytes()
 
-    again = run_job(job)
+    again = run_job(job.path)
 
     assert again.status == "nothing_to_do"
     assert again.exit_code == 0
@@ -105,16 +105,15 @@ def test_rerun_of_a_complete_job_sends_nothing_and_says_nothing_to_do(tmp_path: 
 
 
 def test_rerun_after_the_output_was_deleted_rewrites_it_from_the_checkpoint_without_sending(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
     rows = prompt_rows(40)
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
-    run_job(job)
+    job = make_job(rows, url=endpoint.url)
+    run_job(job.path)
     (tmp_path / "out" / "result.parquet").unlink()
     before = endpoint.log.requests
 
-    again = run_job(job)
+    again = run_job(job.path)
 
     assert endpoint.log.requests == before
     assert (again.status, again.exit_code, again.rows_answered_this_run) == ("complete", 0, 0)
@@ -170,7 +169,7 @@ def test_ctrl_c_saves_progress_and_the_same_command_finishes_without_resending_c
             assert r["output"] == expected_output(rows[r["row"]]["prompt"])
         first_run = len(ep.log.prompts_received)
 
-        second = subprocess.run([str(BATCHRUN), str(job)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        second = cli(job)
         resent = Counter(ep.log.prompts_received[first_run:])
 
     assert second.returncode == 0, second.stderr
@@ -250,15 +249,14 @@ def test_faults_on_some_requests_still_give_an_exact_output(tmp_path: Path, kind
 
 
 def test_a_prompt_always_answered_500_ends_failed_after_its_retries_and_a_rerun_retries_only_it(
-    tmp_path: Path,
+    tmp_path: Path, make_job: MakeJob
 ) -> None:
     rows = prompt_rows(12)
     rows[5]["prompt"] = "FLAKY prompt"
-    write_csv(tmp_path / "input.csv", rows)
     broken = {"on": True}
     with LiveEndpoint(rule=lambda n, p: "500" if broken["on"] and "FLAKY prompt" in p else None) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 1, "max_retries": 3})
-        summary = run_job(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 1, "max_retries": 3})
+        summary = run_job(job.path)
         assert ep.log.prompts_received.count("FLAKY prompt") == 4
         assert (summary.exit_code, summary.failed, summary.failed_by_class) == (3, 1, {"http_500": 1})
         assert summary.prompts_resent == 3
@@ -271,7 +269,7 @@ def test_a_prompt_always_answered_500_ends_failed_after_its_retries_and_a_rerun_
 
         broken["on"] = False
         first = len(ep.log.prompts_received)
-        again = run_job(job)
+        again = run_job(job.path)
         assert ep.log.prompts_received[first:] == ["FLAKY prompt"]
     assert (again.status, again.exit_code) == ("complete", 0)
     assert_exact(tmp_path / "out" / "result.parquet", rows)
@@ -280,14 +278,13 @@ def test_a_prompt_always_answered_500_ends_failed_after_its_retries_and_a_rerun_
 # --- 6. a poisoned prompt ---------------------------------------------------------------------
 
 
-def test_a_prompt_rejected_with_400_fails_alone_and_a_rerun_retries_only_that_row(tmp_path: Path) -> None:
+def test_a_prompt_rejected_with_400_fails_alone_and_a_rerun_retries_only_that_row(tmp_path: Path, make_job: MakeJob) -> None:
     rows = prompt_rows(40)
     poison = 13
     rows[poison]["prompt"] = "Prompt with POISON inside"
-    write_csv(tmp_path / "input.csv", rows)
     with LiveEndpoint(rule=lambda n, prompts: "400" if any("POISON" in p for p in prompts) else None) as ep:
-        job = write_job(tmp_path, ep.url, run={"batch_size": 8, "concurrency": 2})
-        summary = run_job(job)
+        job = make_job(rows, url=ep.url, run={"batch_size": 8, "concurrency": 2})
+        summary = run_job(job.path)
         assert (summary.status, summary.exit_code) == ("complete_with_failed_rows", 3)
         assert (summary.succeeded, summary.failed) == (39, 1)
         df = pl.read_parquet(tmp_path / "out" / "result.parquet")
@@ -301,7 +298,7 @@ def test_a_prompt_rejected_with_400_fails_alone_and_a_rerun_retries_only_that_ro
                 assert got["output"] == expected_output(r["prompt"])
 
         first = len(ep.log.prompts_received)
-        again = run_job(job)
+        again = run_job(job.path)
         assert ep.log.prompts_received[first:] == ["Prompt with POISON inside"]
     assert again.exit_code == 3 and again.failed == 1
 
@@ -310,21 +307,20 @@ def test_a_prompt_rejected_with_400_fails_alone_and_a_rerun_retries_only_that_ro
 
 
 @pytest.mark.timeout(20)  # a hang here is a bug, not a slow run
-def test_401_raises_auth_error_writes_no_output_and_marks_no_row_failed(tmp_path: Path) -> None:
+def test_401_raises_auth_error_writes_no_output_and_marks_no_row_failed(tmp_path: Path, make_job: MakeJob) -> None:
     rows = prompt_rows(20)
-    write_csv(tmp_path / "input.csv", rows)
     refusing = {"on": True}
     with LiveEndpoint(rule=lambda n, p: "401" if refusing["on"] else None) as ep:
-        job = write_job(tmp_path, ep.url)
+        job = make_job(rows, url=ep.url)
         with pytest.raises(AuthError):
-            run_job(job)
+            run_job(job.path)
         assert ep.log.requests >= 1
         assert not (tmp_path / "out" / "result.parquet").exists()
-        errors = committed_results(state_of(tmp_path)).column("error").to_pylist()
+        errors = committed_results(job.state()).column("error").to_pylist()
         assert [e for e in errors if e is not None] == [], "a row was marked failed because of the credentials"
 
         refusing["on"] = False  # the key is fixed: the same job now completes
-        summary = run_job(job)
+        summary = run_job(job.path)
     assert (summary.status, summary.exit_code) == ("complete", 0)
     assert_exact(tmp_path / "out" / "result.parquet", rows)
 
@@ -332,14 +328,13 @@ def test_401_raises_auth_error_writes_no_output_and_marks_no_row_failed(tmp_path
 # --- 8. ids and templates -----------------------------------------------------------------------
 
 
-def test_duplicate_ids_are_refused_naming_them_before_anything_is_sent(tmp_path: Path, endpoint: LiveEndpoint) -> None:
+def test_duplicate_ids_are_refused_naming_them_before_anything_is_sent(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
     rows = prompt_rows(10)
     rows[4]["id"] = rows[2]["id"]
     rows[9]["id"] = rows[7]["id"]
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
+    job = make_job(rows, url=endpoint.url)
     with pytest.raises(JobError) as info:
-        run_job(job)
+        run_job(job.path)
     assert "r000002" in str(info.value) and "r000007" in str(info.value)
     assert endpoint.log.requests == 0
     assert not (tmp_path / "out" / "result.parquet").exists()
@@ -396,13 +391,12 @@ def test_a_template_sends_the_rendered_text_and_each_row_gets_its_output(tmp_pat
 
 
 def test_without_an_id_column_rows_are_keyed_by_position_and_answered_in_order(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
     rows = prompt_rows(30)
     rows[20]["prompt"] = rows[3]["prompt"]  # a duplicate prompt too: position, not text, is the key
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url, input={"id_column": None}, run={"checkpoint_rows": 8})
-    assert run_job(job).exit_code == 0
+    job = make_job(rows, url=endpoint.url, input={"id_column": None}, run={"checkpoint_rows": 8})
+    assert run_job(job.path).exit_code == 0
     assert_exact(tmp_path / "out" / "result.parquet", rows)
 
 
@@ -463,22 +457,21 @@ def test_changed_input_after_a_partial_run_is_refused_until_restart(tmp_path: Pa
 
 
 def test_small_checkpoint_rows_commit_many_segments_and_leave_no_temporary_files(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
     rows = prompt_rows(1000)
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url, run={"batch_size": 8, "concurrency": 4, "checkpoint_rows": 64})
-    assert run_job(job).exit_code == 0
+    job = make_job(rows, url=endpoint.url, run={"batch_size": 8, "concurrency": 4, "checkpoint_rows": 64})
+    assert run_job(job.path).exit_code == 0
     assert_exact(tmp_path / "out" / "result.parquet", rows)
-    segments = sorted(p.name for p in state_of(tmp_path).glob("segments/*.parquet"))
+    segments = sorted(p.name for p in job.state().glob("segments/*.parquet"))
     assert segments == [f"seg-{k:08d}.parquet" for k in range(16)]  # ceil(1000 / 64)
-    assert list(state_of(tmp_path).glob("partial/*")) == []
+    assert list(job.state().glob("partial/*")) == []
     assert [p for p in tmp_path.rglob("*") if ".tmp-" in p.name] == []
     assert endpoint.log.max_batch <= 8 and endpoint.log.max_in_flight <= 4
 
 
 def test_the_output_gathers_segments_into_row_groups_of_bounded_rows(
-    tmp_path: Path, endpoint: LiveEndpoint, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, endpoint: LiveEndpoint, monkeypatch: pytest.MonkeyPatch, make_job: MakeJob
 ) -> None:
     """Sixteen 64-row segments become row groups of 256 rows (four segments each), not one per
     segment: a 10M-row output then carries a small footer, not thousands of row groups."""
@@ -486,9 +479,8 @@ def test_the_output_gathers_segments_into_row_groups_of_bounded_rows(
 
     monkeypatch.setattr(sink, "ROW_GROUP_ROWS", 250)
     rows = prompt_rows(1000)
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url, run={"batch_size": 8, "concurrency": 4, "checkpoint_rows": 64})
-    assert run_job(job).exit_code == 0
+    job = make_job(rows, url=endpoint.url, run={"batch_size": 8, "concurrency": 4, "checkpoint_rows": 64})
+    assert run_job(job.path).exit_code == 0
     assert_exact(tmp_path / "out" / "result.parquet", rows)
     meta = pq.read_metadata(tmp_path / "out" / "result.parquet")
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [256, 256, 256, 232]
@@ -501,7 +493,7 @@ def test_the_output_gathers_segments_into_row_groups_of_bounded_rows(
 # --- 12. awkward text ---------------------------------------------------------------------------
 
 
-def test_prompts_with_newlines_quotes_and_unicode_round_trip_exactly(tmp_path: Path, endpoint: LiveEndpoint) -> None:
+def test_prompts_with_newlines_quotes_and_unicode_round_trip_exactly(tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob) -> None:
     texts = [
         "line one\nline two",
         "windows\r\nline break",
@@ -518,9 +510,8 @@ def test_prompts_with_newlines_quotes_and_unicode_round_trip_exactly(tmp_path: P
         "\u200bzero width",
     ]
     rows: list[dict[str, Any]] = [{"id": f"r{i}", "topic": "t", "prompt": t} for i, t in enumerate(texts)]
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
-    assert run_job(job).exit_code == 0
+    job = make_job(rows, url=endpoint.url)
+    assert run_job(job.path).exit_code == 0
     assert set(endpoint.log.prompts_received) == set(texts)
     assert_exact(tmp_path / "out" / "result.parquet", rows)
 
@@ -552,15 +543,14 @@ def test_a_field_longer_than_csv_max_row_mb_is_refused_naming_the_key_and_raisin
 
 
 def test_a_first_csv_row_longer_than_the_first_block_is_read_by_growing_the_block(
-    tmp_path: Path, endpoint: LiveEndpoint
+    tmp_path: Path, endpoint: LiveEndpoint, make_job: MakeJob
 ) -> None:
     """Opening pyarrow's reader already parses the first block: a 1 MB first row failed there,
     outside the retry with a larger block, and was refused as longer than csv_max_row_mb (16)."""
     rows = prompt_rows(20)
     rows[0]["prompt"] = "long " * (200 * 1024)
-    write_csv(tmp_path / "input.csv", rows)
-    job = write_job(tmp_path, endpoint.url)
-    assert run_job(job).exit_code == 0
+    job = make_job(rows, url=endpoint.url)
+    assert run_job(job.path).exit_code == 0
     assert_exact(tmp_path / "out" / "result.parquet", rows)
 
 
