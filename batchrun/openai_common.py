@@ -160,11 +160,9 @@ def match_choices(
         slots[index] = (text, reason if type(reason) is str else None)
 
     result = Matched(usage=usage)
-    duplicated = 0
     for p in range(prompts):
         base = p * n
         if any(claimed[base + s] != 1 for s in range(n)):
-            duplicated += any(claimed[base + s] > 1 for s in range(n))
             continue
         samples = slots[base : base + n]
         if None in samples:
@@ -180,8 +178,13 @@ def match_choices(
     if len(choices) != expected:
         per = f" x n={n}" if n > 1 else ""
         head.append(f"{len(choices)} choices for {prompts} prompts{per}")
-    if duplicated:
-        head.append(f"{duplicated} prompt(s) with an index claimed by more than one choice")
+    twice = [i for i, c in enumerate(claimed) if c > 1]
+    if twice:
+        # Which of them is right cannot be known, so none is used.
+        head.append(_indexes(twice, "claimed by more than one choice (none used)"))
+    unclaimed = [i for i, c in enumerate(claimed) if c == 0]
+    if unclaimed:
+        head.append(_indexes(unclaimed, "without a choice"))
     lines = head + problems.lines()
     missing = prompts - len(result.answers)
     if missing and not lines:
@@ -191,6 +194,12 @@ def match_choices(
             f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
         )
     return result
+
+
+def _indexes(which: list[int], what: str) -> str:
+    if len(which) == 1:
+        return f"index {which[0]} {what}"
+    return f"{len(which)} indexes {what} (first: {which[0]})"
 
 
 class _Problems:
