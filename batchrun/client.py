@@ -46,6 +46,9 @@ class Accounting:
     prompts_resent: int = 0
     retries: Counter[str] = field(default_factory=Counter)
     throttle_wait_s: float = 0.0
+    # Tokens the endpoint reports spending (formats with usage), whether or not every answer was usable.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class _Transient(Exception):
@@ -157,6 +160,9 @@ class EndpointClient:
                 self._settle(len(pending), started, "aborted")
                 raise
             latency = self._settle(len(pending), started)
+            if matched.usage is not None:
+                self.accounting.prompt_tokens += matched.usage.prompt_tokens
+                self.accounting.completion_tokens += matched.usage.completion_tokens
             for j, answer in matched.answers.items():
                 i = pending[j]
                 outcomes[i] = RowOutcome(answer, None, attempts[i], latency)
@@ -183,7 +189,10 @@ class EndpointClient:
 
     def _snippet(self, raw: bytes) -> str:
         # An endpoint may quote the request back in its error; the key must not reach a message.
-        return _snippet(raw, self._secret())
+        # The codec reads its format's error shape (OpenAI's {"error": {"message"}}); otherwise
+        # the body is quoted.
+        reason = self._codec.error_reason(raw)
+        return _snippet(raw if reason is None else reason.encode("utf-8", "replace"), self._secret())
 
     def _redact(self, text: str) -> str:
         # Problems quote the answer (echoes, "message"), which a careless endpoint may fill with

@@ -1,7 +1,7 @@
 """Wire formats behind one seam, ``Codec``, and the first of them: LiteLLM's ``custom/`` format.
 
-The client sends through a ``Codec`` and knows no format; a new wire format (OpenAI completions,
-chat) is a new class with the same two methods. Both sides of the custom format live here: the
+The client sends through a ``Codec`` and knows no format; a new wire format is a new class with
+the same three methods (``completions.CompletionsCodec``, ``chat.ChatCodec``). Both sides of the custom format live here: the
 client's (``CustomCodec``: build a request, check and match an answer) and the reference
 server's (``parse_request``, ``response_body``), so the format is written down once.
 """
@@ -29,18 +29,35 @@ class Answer(NamedTuple):
     """One prompt's answer: the outputs as returned and the params the endpoint says it used.
 
     A named tuple, not a dataclass: one is made for every row, and this is the cheapest to build.
+    The fields after ``params_json`` are for formats that report them (OpenAI); ``custom`` leaves
+    them at their defaults, so its rows are built exactly as before.
     """
 
     output: list[str]
     params_json: str | None
+    finish_reason: list[str | None] | None = None  # one per output; None where the server gave none
+    prompt_tokens: int | None = None  # this row's own usage, where the format reports it per row
+    completion_tokens: int | None = None
+
+
+class Usage(NamedTuple):
+    """Tokens a server reports it spent on one request (all its prompts and samples)."""
+
+    prompt_tokens: int
+    completion_tokens: int
 
 
 @dataclass
 class Matched:
-    """Answers keyed by the index of the prompt in the request; ``problem`` explains the rest."""
+    """Answers keyed by the index of the prompt in the request; ``problem`` explains the rest.
+
+    ``usage`` is the request's whole usage where the answer reports it (OpenAI formats): the
+    tokens were spent whether or not every answer was usable.
+    """
 
     answers: dict[int, Answer] = field(default_factory=dict)
     problem: str | None = None
+    usage: Usage | None = None
 
 
 class Codec(Protocol):
@@ -51,11 +68,15 @@ class Codec(Protocol):
     list position alone unless the user chose so), keyed by the prompt's index in ``sent``, and
     explains in ``Matched.problem`` why any other prompt has none; it raises ``ResponseError``
     when nothing in the body is usable. It never raises anything else for a bad body.
+    ``error_reason`` reads the reason out of an error answer (a non-2xx body) in the format's own
+    error shape, or returns None to have the client quote the body as it is.
     """
 
     def build_request(self, prompts: Sequence[str]) -> bytes: ...
 
     def match(self, body: bytes, sent: Sequence[str]) -> Matched: ...
+
+    def error_reason(self, body: bytes) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,9 @@ class CustomCodec:
 
     def match(self, body: bytes, sent: Sequence[str]) -> Matched:
         return match_response(body, sent, self.echo_match)
+
+    def error_reason(self, body: bytes) -> str | None:
+        return None  # the body is quoted as it is, as it always was
 
 
 def parse_request(body: bytes) -> tuple[str, list[str], dict[str, Any]]:

@@ -1,13 +1,17 @@
-"""The reference custom endpoint: an aiohttp app serving a deterministic toy model (`batchrun serve`)."""
+"""The reference endpoint (`batchrun serve`): an aiohttp app serving the deterministic toy model.
+
+It speaks LiteLLM's custom format on any path, and the OpenAI API on ``/v1/completions``,
+``/v1/chat/completions`` and ``/v1/models`` as vLLM does (errors included), so every wire format
+batchrun speaks has a real server to run against.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import math
 import signal
+import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,72 +20,19 @@ from typing import Any
 
 from aiohttp import web
 
+from . import chat, completions
+from .openai_common import error_body
 from .protocol import parse_request, response_body
 
-DEFAULT_PARAMS: dict[str, Any] = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 40}
-# A toy answer is a few bytes a token; the cap keeps one request from asking for gigabytes.
-MAX_TOKENS_LIMIT = 4096
+# The toy model is named here too: tests and users import it from the server.
+from .toymodel import DEFAULT_PARAMS as DEFAULT_PARAMS
+from .toymodel import MAX_TOKENS_LIMIT as MAX_TOKENS_LIMIT
+from .toymodel import effective_params as effective_params
+from .toymodel import toy_output as toy_output
+from .toymodel import toy_tokens, toy_words
 
-_WORDS = tuple(
-    "amber anchor apple arrow autumn basil beacon birch bramble bridge canyon cedar cinder clover "
-    "comet copper coral crystal dawn delta dune ember falcon fern fjord flint forest garnet glacier "
-    "harbor hazel heron island ivory jasper juniper kestrel lagoon lantern lilac maple meadow mesa "
-    "nectar nimbus oak onyx orchid pebble pine prism quartz raven reef river saffron sage summit "
-    "thistle tundra willow".split()
-)
-
-
-def effective_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The sampling params the toy model uses: JSON ``null`` or absent means the default.
-
-    LiteLLM sends every parameter the caller did not set as ``null``, so null is not an error.
-    Keys other than the four sampling ones (``prompt`` included) are ignored.
-    """
-    out = dict(DEFAULT_PARAMS)
-    for key in DEFAULT_PARAMS:
-        if params.get(key) is not None:
-            out[key] = params[key]
-    for key in ("max_tokens", "top_k"):
-        # bool is an int subclass; `true` tokens is a client bug, not a 1.
-        if isinstance(out[key], bool) or not isinstance(out[key], int):
-            raise ValueError(f"params.{key} must be an integer (got {out[key]!r})")
-    for key in ("temperature", "top_p"):
-        value = out[key]
-        # Python's json accepts NaN and Infinity, so finiteness is checked too.
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"params.{key} must be a finite number (got {value!r})")
-        out[key] = float(value)  # 1 and 1.0 must seed the toy model alike
-    if not 1 <= out["max_tokens"] <= MAX_TOKENS_LIMIT:
-        raise ValueError(f"params.max_tokens must be between 1 and {MAX_TOKENS_LIMIT} (got {out['max_tokens']})")
-    if out["temperature"] < 0:
-        raise ValueError(f"params.temperature must be >= 0 (got {out['temperature']})")
-    if not 0 < out["top_p"] <= 1:
-        raise ValueError(f"params.top_p must be in (0, 1] (got {out['top_p']})")
-    if out["top_k"] < 0:
-        raise ValueError(f"params.top_k must be >= 0 (got {out['top_k']})")
-    return out
-
-
-def toy_output(model: str, prompt: str, params: dict[str, Any]) -> list[str]:
-    """The toy model's answer: the prompt, then 1..max_tokens words drawn from a hash of everything.
-
-    A pure function of (model, prompt, effective params), so a test can recompute any row's
-    output and prove it belongs to that row.
-    """
-    eff = effective_params(params)
-    # JSON of a list keeps the parts apart ("ab"+"c" vs "a"+"bc"); ASCII escapes make lone
-    # surrogates (valid in JSON strings) hashable.
-    seed = json.dumps([model, prompt, eff], sort_keys=True, separators=(",", ":")).encode("ascii")
-    head = hashlib.blake2b(seed, digest_size=8, person=b"count").digest()
-    count = 1 + int.from_bytes(head, "big") % eff["max_tokens"]
-    stream = b""
-    block = 0
-    while len(stream) < count:
-        stream += hashlib.blake2b(seed, digest_size=64, salt=block.to_bytes(8, "big")).digest()
-        block += 1
-    words = " ".join(_WORDS[b % len(_WORDS)] for b in stream[:count])
-    return [f"{prompt} {words}"]
-
+# The most samples (``n``) one OpenAI request may ask for per prompt.
+MAX_N = 64
 
 @dataclass
 class ServerOptions:
@@ -96,6 +47,10 @@ class ServerOptions:
     # with every distinct prompt, so it is off unless asked for (`batchrun serve --tally-prompts`):
     # a server answering tens of millions of prompts must not hold them all.
     tally_prompts: bool = False
+    # OpenAI routes: a prompt (or conversation) of more toy tokens (words) than this is refused
+    # with vLLM's 400 for a prompt past the model's context, failing its whole request.
+    max_prompt_tokens: int | None = None
+    served_model: str = "batchrun-toy"  # what GET /v1/models lists; requests may name any model
 
 
 @dataclass
@@ -152,7 +107,15 @@ async def _infer(request: web.Request) -> web.Response:
     except ValueError as exc:
         stats.rejected += 1
         return _error(400, str(exc))
+    async with _working(request.app, prompts):
+        data = [{"prompt": p, "output": toy_output(model, p, eff), "params": eff} for p in prompts]
+        return web.json_response(response_body(data))
 
+
+@asynccontextmanager
+async def _working(app: web.Application, prompts: list[str]) -> AsyncIterator[None]:
+    """Count a well-formed request, then wait as the options say before it is answered."""
+    stats, options = app[STATS], app[OPTIONS]
     # Counted on receipt, before any delay: a request cancelled mid-sleep was still sent.
     stats.requests += 1
     stats.prompts += len(prompts)
@@ -168,10 +131,132 @@ async def _infer(request: web.Request) -> web.Response:
             await asyncio.sleep(delay)
         if options.hold is not None:
             await options.hold.wait()
-        data = [{"prompt": p, "output": toy_output(model, p, eff), "params": eff} for p in prompts]
-        return web.json_response(response_body(data))
+        yield
     finally:
         stats.in_flight -= 1
+
+
+# --- the OpenAI routes ------------------------------------------------------------------------
+
+
+def _openai_error(status: int, message: str, type_: str = "BadRequestError") -> web.Response:
+    return web.json_response(error_body(message, type_, status), status=status)
+
+
+def _sampling(params: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The toy model's params and ``n`` for an OpenAI request, or ValueError why not."""
+    if params.get("max_tokens") is None and params.get("max_completion_tokens") is not None:
+        params = {**params, "max_tokens": params["max_completion_tokens"]}  # the newer chat name
+    try:
+        eff = effective_params(params)
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("params.")) from None
+    n = params.get("n")
+    if n is None:
+        n = 1
+    if type(n) is not int or not 1 <= n <= MAX_N:
+        raise ValueError(f"n must be an integer between 1 and {MAX_N} (got {n!r})")
+    return eff, n
+
+
+async def _read_openai(
+    request: web.Request, parse: Any
+) -> tuple[tuple[str, Any, dict[str, Any]], dict[str, Any], int] | web.Response:
+    """A parsed request, its toy params and ``n``; or the error answer to send instead."""
+    stats, options = request.app[STATS], request.app[OPTIONS]
+    try:
+        parsed = parse(await request.read())
+        eff, n = _sampling(parsed[2])
+    except web.HTTPRequestEntityTooLarge:
+        stats.rejected += 1
+        return _openai_error(413, f"body is larger than {options.max_body_bytes} bytes")
+    except ValueError as exc:
+        stats.rejected += 1
+        return _openai_error(400, str(exc))
+    return parsed, eff, n
+
+
+def _too_long(request: web.Request, tokens: int) -> web.Response | None:
+    limit = request.app[OPTIONS].max_prompt_tokens
+    if limit is None or tokens <= limit:
+        return None
+    request.app[STATS].rejected += 1
+    return _openai_error(400, (
+        f"This model's maximum context length is {limit} tokens. However, you requested {tokens} tokens "
+        "in the prompt. Please reduce the length of the prompt."
+    ))
+
+
+def _finish(text: str, eff: dict[str, Any]) -> tuple[int, str]:
+    tokens = toy_tokens(text)
+    return tokens, "length" if tokens >= eff["max_tokens"] else "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _completions(request: web.Request) -> web.Response:
+    """``POST /v1/completions``: one choice per prompt and sample, index = prompt * n + sample."""
+    read = await _read_openai(request, completions.parse_request)
+    if isinstance(read, web.Response):
+        return read
+    (model, prompts, _), eff, n = read
+    for prompt in prompts:  # one prompt past the context fails the whole request, as in vLLM
+        refused = _too_long(request, toy_tokens(prompt))
+        if refused is not None:
+            return refused
+    async with _working(request.app, prompts):
+        choices, spent = [], 0
+        for p, prompt in enumerate(prompts):
+            for sample in range(n):
+                text = toy_words(model, prompt, eff, sample)
+                tokens, reason = _finish(text, eff)
+                spent += tokens
+                choices.append({"index": p * n + sample, "text": text, "logprobs": None, "finish_reason": reason})
+        return web.json_response({
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": _usage(sum(map(toy_tokens, prompts)), spent),
+        })
+
+
+async def _chat(request: web.Request) -> web.Response:
+    """``POST /v1/chat/completions``: ``n`` assistant messages for one conversation.
+
+    The toy model reads the conversation as its canonical JSON text (``chat.read_messages``);
+    stats and tallies count the last message's content as the request's one prompt.
+    """
+    read = await _read_openai(request, chat.parse_request)
+    if isinstance(read, web.Response):
+        return read
+    (model, messages, _), eff, n = read
+    prompt_tokens = sum(toy_tokens(m["content"]) for m in messages)
+    refused = _too_long(request, prompt_tokens)
+    if refused is not None:
+        return refused
+    conversation = chat.read_messages(messages)
+    async with _working(request.app, [messages[-1]["content"]]):
+        choices, spent = [], 0
+        for sample in range(n):
+            text = toy_words(model, conversation, eff, sample)
+            tokens, reason = _finish(text, eff)
+            spent += tokens
+            choices.append({
+                "index": sample, "message": {"role": "assistant", "content": text},
+                "logprobs": None, "finish_reason": reason,
+            })
+        return web.json_response({
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": _usage(prompt_tokens, spent),
+        })
+
+
+async def _models(request: web.Request) -> web.Response:
+    model = request.app[OPTIONS].served_model
+    return web.json_response(
+        {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "batchrun"}]}
+    )
 
 
 async def _stats(request: web.Request) -> web.Response:
@@ -183,23 +268,28 @@ async def _health(request: web.Request) -> web.Response:
 
 
 def make_app(options: ServerOptions | None = None) -> web.Application:
-    """The endpoint: POST on any path infers; GET /stats and GET /health report."""
+    """The endpoint: POST on the OpenAI paths (``/v1/completions``, ``/v1/chat/completions``)
+    speaks OpenAI, POST on any other path the custom format; GET /v1/models, /stats and /health
+    report."""
     options = options or ServerOptions()
     app = web.Application(client_max_size=options.max_body_bytes)
     app[OPTIONS] = options
     app[STATS] = ServerStats()
     app.router.add_get("/stats", _stats)
     app.router.add_get("/health", _health)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat)
     # Any path: LiteLLM posts to api_base exactly as given, whatever path the user wrote.
     app.router.add_post("/{tail:.*}", _infer)
     return app
 
 
 @asynccontextmanager
-async def builtin_endpoint() -> AsyncIterator[str]:
+async def builtin_endpoint(path: str = "/inference") -> AsyncIterator[str]:
     """The reference endpoint on a free loopback port for the length of one run
-    (``api_base = "builtin"``); yields its URL."""
-    runner, url, _ = await start_server("127.0.0.1", 0)
+    (``api_base = "builtin"``); yields its URL ending in ``path`` (``"/v1"`` for an OpenAI base)."""
+    runner, url, _ = await start_server("127.0.0.1", 0, path=path)
     logging.getLogger("batchrun").info("started the builtin reference endpoint at %s", url)
     try:
         yield url

@@ -29,6 +29,18 @@ Fault names:
 - answers only the echo of which is off: ``"echo_trimmed"`` (every echo with surrounding whitespace
   stripped and CRLF/CR made LF, as some servers do), ``"echo_none"`` (no item echoes a prompt).
 - ``"swap_outputs"``: outputs exchanged, prompts echoed faithfully; undetectable by design.
+
+The OpenAI routes (``/v1/completions``, ``/v1/chat/completions``) take the same names. A rule sees
+a completions request's ``prompt`` list, and a chat request's last message content as its one
+prompt. Status faults answer an OpenAI error body (``{"error": {"message", "type", "code"}}``).
+Answer faults act on ``choices`` as their custom namesakes act on ``data``: ``"alter"`` gives the
+first choice an index out of range, ``"output_string"`` makes its text a list, ``"output_numbers"``
+a number, ``"output_empty"`` removes it; ``"drop"``/``"extra"``/``"reorder"`` drop the last
+choice, repeat the first (a duplicated index), reverse them; ``"echo_none"`` removes every index;
+``"echo_trimmed"`` changes nothing (no echo to trim); ``"not_ok"`` answers an error body with
+status 200; ``"wrong_shape"`` makes ``choices`` an object; ``"top_list"`` answers the bare list.
+OpenAI-only: ``"index_bool"`` (the second choice's index made ``true``: the same as 1 in Python,
+never an index) and ``"index_dup"`` (the second choice takes the first one's index).
 """
 
 from __future__ import annotations
@@ -95,7 +107,92 @@ def _spoil(kind: str, item: dict) -> dict:
 ITEM_FAULTS = ("alter", "output_string", "output_numbers", "output_empty")
 
 
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _texts(choice: dict) -> tuple[dict, str]:
+    """Where a choice keeps its text: (the dict holding it, the key)."""
+    return (choice["message"], "content") if "message" in choice else (choice, "text")
+
+
+def _spoil_choice(kind: str, choice: dict, count: int) -> dict:
+    choice = json.loads(json.dumps(choice))
+    holder, key = _texts(choice)
+    if kind == "alter":
+        choice["index"] = count
+    elif kind == "output_string":
+        holder[key] = [holder[key]]
+    elif kind == "output_numbers":
+        holder[key] = 123
+    elif kind == "output_empty":
+        del holder[key]
+    else:
+        raise ValueError(f"unknown item fault {kind!r}")
+    return choice
+
+
+def _mutate_openai(kind: str, doc: dict) -> dict | bytes:
+    choices = doc["choices"]
+    if kind in ITEM_FAULTS:
+        choices[0] = _spoil_choice(kind, choices[0], len(choices))
+    elif kind.startswith("every_") and kind.removeprefix("every_") in ITEM_FAULTS:
+        doc["choices"] = [_spoil_choice(kind.removeprefix("every_"), c, len(choices)) for c in choices]
+    elif kind == "echo_trimmed":
+        pass
+    elif kind == "echo_none":
+        for choice in choices:
+            del choice["index"]
+    elif kind == "reorder":
+        doc["choices"] = list(reversed(choices))
+    elif kind == "drop":
+        doc["choices"] = choices[:-1]
+    elif kind == "extra":
+        doc["choices"] = choices + [choices[0]]
+    elif kind == "index_bool" and len(choices) > 1:
+        choices[1]["index"] = True
+    elif kind == "index_dup" and len(choices) > 1:
+        choices[1]["index"] = choices[0]["index"]
+    elif kind in ("index_bool", "index_dup"):
+        pass  # one choice: nothing to confuse it with
+    elif kind == "swap_outputs":
+        if len(choices) > 1:
+            (h0, k0), (h1, k1) = _texts(choices[0]), _texts(choices[1])
+            h0[k0], h1[k1] = h1[k1], h0[k0]
+    elif kind == "not_ok":
+        return json.dumps(_openai_error(503, "model overloaded")).encode()
+    elif kind == "wrong_shape":
+        doc["choices"] = {str(c["index"]): c for c in choices}
+    elif kind == "top_list":
+        return json.dumps(choices).encode()
+    elif kind == "invalid_json":
+        return b'{"choices": [ this is not json'
+    elif kind == "empty_body":
+        return b""
+    else:
+        raise ValueError(f"unknown fault {kind!r}")
+    return doc
+
+
+def _openai_error(status: int, message: str) -> dict:
+    kind = {401: "AuthenticationError", 403: "PermissionDeniedError", 429: "RateLimitError"}.get(
+        status, "InternalServerError" if status >= 500 else "BadRequestError"
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def _prompts_of(doc: dict) -> list[str]:
+    """The prompts a rule sees: custom's params.prompt, completions' prompt list, or a chat's last
+    message content."""
+    if "params" in doc:
+        return doc["params"]["prompt"]
+    if "prompt" in doc:
+        return [doc["prompt"]] if isinstance(doc["prompt"], str) else doc["prompt"]
+    return [doc["messages"][-1]["content"]]
+
+
 def _mutate(kind: str, doc: dict) -> dict | bytes:
+    if "choices" in doc:
+        return _mutate_openai(kind, doc)
     data = doc["data"]
     if kind in ITEM_FAULTS:
         data[0] = _spoil(kind, data[0])
@@ -209,6 +306,11 @@ class LiveEndpoint:
         self._numbers = itertools.count(1)
 
     @property
+    def openai_base(self) -> str:
+        """The ``api_base`` of the OpenAI routes (``{openai_base}/completions``, ...)."""
+        return self.url.removesuffix("/inference") + "/v1"
+
+    @property
     def stats(self) -> server.ServerStats:
         assert self._app is not None
         return self._app[server.STATS]
@@ -255,7 +357,7 @@ class LiveEndpoint:
             return await handler(request)
         arrival = Arrival(next(self._numbers), time.monotonic(), 0, dict(request.headers))
         try:
-            prompts = (await request.json())["params"]["prompt"]
+            prompts = _prompts_of(await request.json())
         except Exception:
             prompts = []
         arrival.prompts = len(prompts)
@@ -294,11 +396,9 @@ class LiveEndpoint:
             message = f"injected HTTP {status.group(1)}"
             if status.group(2) == "echo":
                 message = f"invalid credentials: {request.headers.get('Authorization', '')}"
-            return web.json_response(
-                {"message": message, "data": []},
-                status=int(status.group(1)),
-                headers=headers,
-            )
+            code = int(status.group(1))
+            error = _openai_error(code, message) if request.path in OPENAI_PATHS else {"message": message, "data": []}
+            return web.json_response(error, status=code, headers=headers)
         if kind == "redirect":
             return web.Response(status=307, headers={"Location": self.redirect_to})
         if kind == "html200":
