@@ -1,15 +1,18 @@
 """Admission: what the client asks before every attempt and tells after it (one seam).
 
 ``Admission.admit`` waits for a turn to send; ``Admission.settle`` hears how the attempt went.
-Today's implementation, ``FixedAdmission``, holds the run's shared rate limits and the pause a
-429 imposes on every request; how many requests are in flight is bounded by the engine's fixed
-pool of workers (``run.concurrency``). An adaptive controller is a new implementation that also
-keeps its own limit of attempts in flight, raised and cut from what ``settle`` hears.
+Admission owns concurrency: ``admit`` takes one of its slots of attempts in flight and
+``settle`` gives it back, and the engine sizes its pool of workers (and the connection pool) by
+``max_in_flight``, the most it will ever admit at once. Today's implementation,
+``FixedAdmission``, has ``run.concurrency`` slots, the run's shared rate limits and the pause a
+429 imposes on every request. An adaptive controller is a new implementation whose limit moves
+between 1 and ``max_in_flight`` from what ``settle`` hears.
 
-What an implementation must guarantee: ``admit`` returns the seconds it waited, raises
-``Stopping`` at once when the run's stop event is or becomes set (a stopping run sends nothing
-new), and holds nothing for an attempt that never starts; ``settle`` is called once for every
-admitted attempt and never blocks.
+What an implementation must guarantee: ``admit`` returns the seconds it waited, holding a slot;
+it raises ``Stopping`` at once when the run's stop event is or becomes set (a stopping run sends
+nothing new), holding nothing then; ``settle`` is called exactly once for every ``admit`` that
+returned (with cause ``"not_sent"`` when the caller sent nothing after all), releases the slot,
+and never blocks.
 """
 
 from __future__ import annotations
@@ -39,13 +42,17 @@ class AttemptResult:
 
 
 class Admission(Protocol):
+    @property
+    def max_in_flight(self) -> int: ...
+
     async def admit(self, prompts: int, stop: asyncio.Event | None = None) -> float: ...
 
     def settle(self, result: AttemptResult) -> None: ...
 
 
 class FixedAdmission:
-    """Shared by every request of a run: smooth rate limits and the pause a 429 imposes on all.
+    """Shared by every request of a run: ``concurrency`` attempts in flight at most, smooth rate
+    limits and the pause a 429 imposes on all.
 
     Buckets hold one request and one batch of prompts, so the rate is held evenly from the first
     second instead of allowing a minute's worth in a burst.
@@ -53,6 +60,7 @@ class FixedAdmission:
 
     def __init__(
         self,
+        concurrency: int,
         requests_per_minute: float | None,
         prompts_per_minute: float | None,
         batch_size: int,
@@ -65,8 +73,15 @@ class FixedAdmission:
             AsyncLimiter(batch_size, batch_size * 60.0 / prompts_per_minute) if prompts_per_minute else None
         )
         self._paused_until = 0.0
+        self._concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._concurrency
 
     def settle(self, result: AttemptResult) -> None:
+        self._slots.release()
         if result.cause == "http_429":
             # The endpoint is saturated: everyone backs off, not only this request.
             self.pause(self._policy.delay(1, result.retry_after))
@@ -80,13 +95,18 @@ class FixedAdmission:
         Raises ``Stopping`` as soon as ``stop`` is set: a stopping run sends nothing new.
         """
         started = time.monotonic()
-        await self._sit_out_pause(stop)
-        if self._requests is not None:
-            await _unless_stopped(self._requests.acquire(), stop)
-        if self._prompts is not None:
-            await _unless_stopped(self._prompts.acquire(min(prompts, self._batch)), stop)
-        # A 429 answered while this request queued on a limiter holds it too.
-        await self._sit_out_pause(stop)
+        await _unless_stopped(self._slots.acquire(), stop)
+        try:
+            await self._sit_out_pause(stop)
+            if self._requests is not None:
+                await _unless_stopped(self._requests.acquire(), stop)
+            if self._prompts is not None:
+                await _unless_stopped(self._prompts.acquire(min(prompts, self._batch)), stop)
+            # A 429 answered while this request queued on a limiter holds it too.
+            await self._sit_out_pause(stop)
+        except BaseException:
+            self._slots.release()
+            raise
         return time.monotonic() - started
 
     async def _sit_out_pause(self, stop: asyncio.Event | None) -> None:

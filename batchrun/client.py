@@ -92,7 +92,7 @@ class EndpointClient:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._admission: Admission = admission or FixedAdmission(None, None, 1, policy)
+        self._admission: Admission = admission or FixedAdmission(1_000_000, None, None, 1, policy)
         self._max_bytes = max_response_bytes
         self._stop = stop
         self.verdict = OutageVerdict(policy.outage_after, answered=answered_before)
@@ -131,6 +131,7 @@ class EndpointClient:
                 await sleep_unless_stopped(self._policy.delay(attempt, failure.retry_after), self._stop)
             self.accounting.throttle_wait_s += await self._admission.admit(len(pending), self._stop)
             if self._stop is not None and self._stop.is_set():
+                self._admission.settle(AttemptResult(len(pending), 0.0, "not_sent"))
                 raise Stopping
             for i in pending:
                 if attempts[i]:

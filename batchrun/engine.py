@@ -207,24 +207,25 @@ class Engine:
         self.stop.set()
 
     async def _run(self) -> None:
-        async with self.endpoint as url, make_session(self.spec.run.concurrency, self.spec.timeout_s) as session:
-            run = self.spec.run
-            policy = RetryPolicy(
-                max_retries=run.max_retries,
-                base_s=run.retry_backoff_s,
-                cap_s=run.retry_backoff_max_s,
-                retry_after_cap_s=run.retry_after_max_s,
-                outage_after=run.outage_after_failures,
-            )
+        run = self.spec.run
+        policy = RetryPolicy(
+            max_retries=run.max_retries,
+            base_s=run.retry_backoff_s,
+            cap_s=run.retry_backoff_max_s,
+            retry_after_cap_s=run.retry_after_max_s,
+            outage_after=run.outage_after_failures,
+        )
+        admission = FixedAdmission(
+            run.concurrency, run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy
+        )
+        async with self.endpoint as url, make_session(admission.max_in_flight, self.spec.timeout_s) as session:
             client = EndpointClient(
                 session,
                 url,
                 CustomCodec(self.spec.model_name, self.spec.params, self.spec.echo_match),
                 policy,
                 api_key=self.api_key,
-                admission=FixedAdmission(
-                    run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy
-                ),
+                admission=admission,
                 accounting=self.accounting,
                 max_response_bytes=self.spec.max_response_bytes,
                 stop=self.stop,
@@ -232,13 +233,13 @@ class Engine:
                 answered_before=any(i.rows > i.failed for i in self.infos.values()),
             )
             try:
-                await self._pipeline(client)
+                await self._pipeline(client, admission.max_in_flight)
             finally:
                 client.retry_log.flush()
 
-    async def _pipeline(self, client: EndpointClient) -> None:
-        queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=self.spec.run.concurrency)
-        n = self.spec.run.concurrency
+    async def _pipeline(self, client: EndpointClient, n: int) -> None:
+        """``n`` workers (admission's most attempts in flight) take batches from one queue."""
+        queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=n)
         self.live_workers = n
         try:
             async with asyncio.TaskGroup() as tg:

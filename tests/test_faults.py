@@ -944,7 +944,7 @@ def test_a_stop_ends_a_wait_for_a_rate_limit_turn_at_once() -> None:
 
     async def main() -> float:
         stop = asyncio.Event()
-        throttle = admission.FixedAdmission(1, None, 4)
+        throttle = admission.FixedAdmission(8, 1, None, 4)
         await throttle.admit(4, stop)  # the first turn is free
         waiting = asyncio.ensure_future(throttle.admit(4, stop))
         await asyncio.sleep(0)  # let it start waiting

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchrun.admission import AttemptResult, FixedAdmission
+from batchrun.admission import AttemptResult, FixedAdmission, Stopping
 from batchrun.checkpoint import RESULT_SCHEMA, RunState, SegmentFile, SegmentInfo
 from batchrun.echoed import merge_kind, params_types
 from batchrun.errors import OutageError
@@ -84,7 +84,7 @@ def test_a_batch_giving_up_is_an_outage_until_the_endpoint_has_answered_this_job
 
 def test_a_429_settled_pauses_every_later_admission_for_its_retry_after() -> None:
     async def main() -> tuple[float, float]:
-        gate = FixedAdmission(None, None, 4, RetryPolicy(max_retries=1, base_s=0.0, cap_s=0.0))
+        gate = FixedAdmission(8, None, None, 4, RetryPolicy(max_retries=1, base_s=0.0, cap_s=0.0))
         first = await gate.admit(4)
         gate.settle(AttemptResult(4, 0.01, "http_429", retry_after=0.3))
         gate.settle(AttemptResult(4, 0.01, "http_503", retry_after=9.0))  # only 429 pauses everyone
@@ -97,13 +97,43 @@ def test_a_429_settled_pauses_every_later_admission_for_its_retry_after() -> Non
 
 def test_a_request_rate_spaces_admissions_evenly_from_the_first_second() -> None:
     async def main() -> float:
-        gate = FixedAdmission(600, None, 4)  # one every 0.1 s
+        gate = FixedAdmission(8, 600, None, 4)  # one every 0.1 s
         started = time.monotonic()
         for _ in range(6):
             await gate.admit(4)
+            gate.settle(AttemptResult(4, 0.0))
         return time.monotonic() - started
 
     assert asyncio.run(main()) >= 0.45  # the first is free, five more at 0.1 s each (the bucket holds one)
+
+
+def test_admission_holds_at_most_its_slots_in_flight_and_settle_frees_them() -> None:
+    """Concurrency lives in admission: a third attempt waits for one of two slots, gets it when
+    an attempt settles, and a stop while waiting leaves every slot as it was."""
+
+    async def main() -> None:
+        gate = FixedAdmission(2, None, None, 4)
+        assert gate.max_in_flight == 2
+        await gate.admit(4)
+        await gate.admit(4)
+        third = asyncio.ensure_future(gate.admit(4))
+        await asyncio.sleep(0.05)
+        assert not third.done()
+        gate.settle(AttemptResult(4, 0.01))
+        await asyncio.wait_for(third, 1)
+        stop = asyncio.Event()
+        fourth = asyncio.ensure_future(gate.admit(4, stop))
+        await asyncio.sleep(0.05)
+        assert not fourth.done()
+        stop.set()
+        with pytest.raises(Stopping):
+            await asyncio.wait_for(fourth, 1)
+        gate.settle(AttemptResult(4, 0.01))
+        gate.settle(AttemptResult(4, 0.01, "not_sent"))
+        await asyncio.wait_for(gate.admit(4), 1)  # the stopped wait took nothing
+        await asyncio.wait_for(gate.admit(4), 1)
+
+    asyncio.run(main())
 
 
 # --- names and counts -----------------------------------------------------------------------------
