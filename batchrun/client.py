@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -84,14 +85,19 @@ class EndpointClient:
         stop: asyncio.Event | None = None,
         answered_before: bool = False,
         retry_log: RetryLog | None = None,
+        headers: dict[str, str] | None = None,
+        secrets: tuple[str, ...] = (),
     ):
         self._session = session
         self._url = url
         self._codec = codec
         self._policy = policy
-        self._headers = {"Content-Type": "application/json"}
+        # Extra headers (endpoint.headers, headers_env) first: batchrun's own win any clash.
+        self._headers = {**(headers or {}), "Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # Values never shown in a message: the key and every header read from the environment.
+        self._secrets = tuple(s for s in (api_key, *secrets) if s)
         self._admission: Admission = admission or FixedAdmission(1_000_000, None, None, 1, policy)
         self._max_bytes = max_response_bytes
         self._stop = stop
@@ -193,16 +199,12 @@ class EndpointClient:
         # The codec reads its format's error shape (OpenAI's {"error": {"message"}}); otherwise
         # the body is quoted.
         reason = self._codec.error_reason(raw)
-        return _snippet(raw if reason is None else reason.encode("utf-8", "replace"), self._secret())
+        return _snippet(raw if reason is None else reason.encode("utf-8", "replace"), self._secrets)
 
     def _redact(self, text: str) -> str:
         # Problems quote the answer (echoes, "message"), which a careless endpoint may fill with
         # the request's headers.
-        secret = self._secret()
-        return text.replace(secret, "[redacted]") if secret else text
-
-    def _secret(self) -> str:
-        return self._headers.get("Authorization", "").removeprefix("Bearer ")
+        return _redacted(text, self._secrets)
 
     def _settle(self, prompts: int, started: float, cause: str | None = None, retry_after: float | None = None) -> float:
         """Tell admission how an attempt went (before anything else is sent); return its latency."""
@@ -284,17 +286,24 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def _snippet(raw: bytes, secret: str = "", limit: int = 200) -> str:
-    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
-    if secret:
-        text = text.replace(secret, "[redacted]")
+def _snippet(raw: bytes, secrets: tuple[str, ...] = (), limit: int = 200) -> str:
+    text = _redacted(raw.decode("utf-8", "replace").strip().replace("\n", " "), secrets)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def make_session(concurrency: int, timeout_s: float) -> aiohttp.ClientSession:
-    """One session per run: connector limit = concurrency, an explicit total timeout per request."""
+def _redacted(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+def make_session(concurrency: int, timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
+    """One session per run: connector limit = concurrency, an explicit total timeout per request;
+    ``ssl_context`` for endpoints behind a private CA (``endpoint.ca_bundle``)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency),
+        connector=aiohttp.TCPConnector(
+            limit=concurrency, limit_per_host=concurrency, ssl=ssl_context if ssl_context is not None else True
+        ),
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         raise_for_status=False,
     )

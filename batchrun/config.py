@@ -35,15 +35,25 @@ class InputSection(_Section):
     path: str
     prompt_column: str | None = None
     template: str | None = None
+    messages_column: str | None = None  # openai-chat: each row's conversation
+    system: str | None = None  # openai-chat: a system message before each row's prompt
     id_column: str | None = None
     format: Literal["csv", "parquet"] | None = None
     csv_max_row_mb: float = Field(16.0, gt=0, le=1024)
 
 
+Protocol = Literal["custom", "openai-completions", "openai-chat"]
+OPENAI = ("openai-completions", "openai-chat")
+
+
 class EndpointSection(_Section):
     api_base: str
+    protocol: Protocol = "custom"
     model: str = Field(min_length=1)
     api_key_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    headers_env: dict[str, str] = Field(default_factory=dict)
+    ca_bundle: str | None = None
     timeout_s: float = Field(300.0, gt=0, le=86400)
     max_response_mb: float = Field(256.0, gt=0, le=65536)
     allow_insecure_http: bool = False
@@ -51,6 +61,11 @@ class EndpointSection(_Section):
 
 
 class ParamsSection(_Section):
+    """Sampling params, sent as given. The four below are checked; any other key is passed
+    through with its TOML value (stop, seed, n, presence_penalty, response_format, ...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
+
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -98,7 +113,10 @@ class InputFiles(BaseModel):
 
 # The planning step's input check: (input section, job folder, template fields) -> what it
 # found (None if nothing usable) and the problems, each worded as "input.<key>: ...".
-InputScanner = Callable[[InputSection, Path, tuple[str, ...]], tuple[InputFiles | None, list[str]]]
+# The last argument: the columns the output adds, which no input column may be named.
+InputScanner = Callable[
+    [InputSection, Path, tuple[str, ...], tuple[str, ...]], tuple[InputFiles | None, list[str]]
+]
 
 
 class JobSpec(BaseModel):
@@ -120,8 +138,14 @@ class JobSpec(BaseModel):
     template_fields: tuple[str, ...]
     id_column: str | None
     api_base: str
+    protocol: Protocol = "custom"
     model: str
     api_key_env: str | None
+    headers: dict[str, str] = Field(default_factory=dict)
+    headers_env: dict[str, str] = Field(default_factory=dict)  # header name -> environment variable
+    ca_bundle: Path | None = None
+    messages_column: str | None = None
+    system: str | None = None
     timeout_s: float
     max_response_bytes: int
     # Not among settings(): it changes which answers are accepted, not what an answer holds.
@@ -151,23 +175,30 @@ class JobSpec(BaseModel):
 
     @property
     def model_name(self) -> str:
-        """The model as sent on the wire: LiteLLM's ``custom/`` provider prefix is not sent."""
-        return self.model.removeprefix("custom/")
+        """The model as sent on the wire: LiteLLM's ``custom/`` provider prefix is not sent by
+        the custom protocol; OpenAI protocols send it as given."""
+        return self.model if self.protocol in OPENAI else self.model.removeprefix("custom/")
 
     @property
     def prompt_columns(self) -> tuple[str, ...]:
         """The input columns a prompt is made from."""
+        if self.messages_column:
+            return (self.messages_column,)
         return (self.prompt_column,) if self.prompt_column else self.template_fields
 
     def settings(self) -> dict[str, Any]:
-        """What shapes the outputs; a resumed run must match the one it continues."""
-        return {
+        """What shapes the outputs; a resumed run must match the one it continues. Keys keep
+        today's set for ``custom`` so that progress saved before these keys existed resumes."""
+        out: dict[str, Any] = {
             "model": self.model_name,
             "params": self.params,
             "prompt_column": self.prompt_column,
             "template": self.template,
             "id_column": self.id_column,
         }
+        if self.protocol != "custom":
+            out.update(protocol=self.protocol, messages_column=self.messages_column, system=self.system)
+        return out
 
 
 def load_job(path: str | Path, *, scan_input: InputScanner | None = None) -> JobSpec:
@@ -305,13 +336,33 @@ def _resolve(
             f"{where}: run.retry_backoff_max_s: must be >= run.retry_backoff_s "
             f"(got {run.retry_backoff_max_s!r})"
         )
+    protocol = ep.protocol if ep is not None else "custom"
+    params: ParamsSection | None = sections.get("params")
+    if params is not None:
+        problems += _params_problems(where, protocol, params)
+    if run is not None and protocol == "openai-chat":
+        if "batch_size" not in run.model_fields_set:
+            run = run.model_copy(update={"batch_size": 1})
+        elif run.batch_size != 1:
+            problems.append(
+                f"{where}: run.batch_size: must be 1 with protocol \"openai-chat\" (got {run.batch_size}): "
+                "a chat request carries one conversation; use \"openai-completions\" to pack prompts"
+            )
     if inp is None:
         return None
 
-    if (inp.prompt_column is None) == (inp.template is None):
+    given = [k for k in ("prompt_column", "template", "messages_column") if getattr(inp, k) is not None]
+    if inp.messages_column is not None and protocol != "openai-chat":
+        problems.append(f"{where}: input.messages_column: only for protocol \"openai-chat\" (got {protocol!r})")
+    elif inp.system is not None and protocol != "openai-chat":
+        problems.append(f"{where}: input.system: only for protocol \"openai-chat\" (got {protocol!r})")
+    elif inp.system is not None and inp.messages_column is not None:
+        problems.append(f"{where}: input.system: a messages column carries its own system message; drop input.system")
+    if len(given) != 1:
+        keys = "prompt_column, template and messages_column" if protocol == "openai-chat" else "prompt_column and template"
         problems.append(
-            f"{where}: input: set exactly one of prompt_column and template "
-            f"(got {'both' if inp.prompt_column else 'neither'})"
+            f"{where}: input: set exactly one of {keys} "
+            f"(got {'neither' if not given else 'both' if len(given) == 2 and protocol != 'openai-chat' else ' and '.join(given)})"
         )
     template_fields: tuple[str, ...] = ()
     if inp.template is not None:
@@ -322,7 +373,7 @@ def _resolve(
 
     found: InputFiles | None = None
     if scan_input is not None:
-        found, input_problems = scan_input(inp, base, template_fields)
+        found, input_problems = scan_input(inp, base, template_fields, _added_columns(protocol))
         problems += [f"{where}: {p}" for p in input_problems]
     if problems or ep is None or run is None or output_path is None or state_dir is None:
         return None
@@ -337,12 +388,18 @@ def _resolve(
         template_fields=template_fields,
         id_column=inp.id_column,
         api_base=ep.api_base,
+        protocol=ep.protocol,
         model=ep.model,
         api_key_env=ep.api_key_env,
+        headers=ep.headers,
+        headers_env=ep.headers_env,
+        ca_bundle=(base / ep.ca_bundle).resolve() if ep.ca_bundle else None,
+        messages_column=inp.messages_column,
+        system=inp.system,
         timeout_s=ep.timeout_s,
         max_response_bytes=int(ep.max_response_mb * (1 << 20)),
         echo_match=ep.echo_match,
-        params=sections["params"].model_dump(exclude_none=True),
+        params=_sent_params(sections["params"]),
         run=run,
         output_path=output_path,
         state_dir=state_dir,
@@ -350,8 +407,103 @@ def _resolve(
     )
 
 
+def _added_columns(protocol: str) -> tuple[str, ...]:
+    from .wire import COLUMNS
+
+    return COLUMNS[protocol]
+
+
+def _sent_params(params: ParamsSection) -> dict[str, Any]:
+    """The params as sent: the checked ones unless unset, every other key with its TOML value."""
+    out = params.model_dump(exclude_none=True)
+    out.update(params.model_extra or {})
+    return out
+
+
+# Keys a protocol's request is made of: a param of that name would replace or break them.
+_RESERVED = {
+    "custom": ("prompt",),
+    "openai-completions": ("model", "prompt", "stream", "messages"),
+    "openai-chat": ("model", "messages", "stream", "prompt"),
+}
+
+
+def _params_problems(where: str, protocol: str, params: ParamsSection) -> list[str]:
+    problems = []
+    extra = params.model_extra or {}
+    for key in _RESERVED[protocol]:
+        if key in extra:
+            problems.append(f"{where}: params.{key}: batchrun sets {key!r} itself in a {protocol} request; remove it")
+    for key, value in extra.items():
+        if isinstance(value, dict | list) and _has_datetime(value) or _is_datetime(value):
+            problems.append(f"{where}: params.{key}: a TOML date or time cannot be sent as JSON; quote it")
+    n = extra.get("n")
+    if "n" in extra and (type(n) is not int or n < 1):
+        problems.append(f"{where}: params.n: must be an integer >= 1 (got {n!r})")
+    elif n is not None and protocol == "custom" and n != 1:
+        problems.append(f"{where}: params.n: the custom protocol answers one output list per prompt; n is for OpenAI protocols")
+    return problems
+
+
+def _is_datetime(value: Any) -> bool:
+    import datetime
+
+    return isinstance(value, datetime.date | datetime.time)
+
+
+def _has_datetime(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_datetime(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_datetime(v) for v in value)
+    return _is_datetime(value)
+
+
+# Header names that carry credentials: their values come from the environment (headers_env).
+_SECRET_HEADER = re.compile(r"auth|token|secret|key|cookie|password|session|signature", re.IGNORECASE)
+
+
+def _header_problems(where: str, ep: EndpointSection) -> list[str]:
+    problems = []
+    for name, value in ep.headers.items():
+        if not _HEADER_NAME.match(name):
+            problems.append(f"{where}: endpoint.headers: {name!r} is not a valid header name")
+        elif _SECRET_HEADER.search(name) or value.lower().startswith(("bearer ", "basic ")):
+            # The value is never echoed: it may be a real key.
+            problems.append(
+                f"{where}: endpoint.headers.{name}: a credential never sits in a job file; put it in an "
+                f"environment variable and name it in endpoint.headers_env (\"{name}\" = \"VARIABLE\")"
+            )
+        elif "\n" in value or "\r" in value:
+            problems.append(f"{where}: endpoint.headers.{name}: a header value cannot hold a line break")
+    for name, var in ep.headers_env.items():
+        if not _HEADER_NAME.match(name):
+            problems.append(f"{where}: endpoint.headers_env: {name!r} is not a valid header name")
+        if not _ENV_NAME.match(var):
+            problems.append(
+                f"{where}: endpoint.headers_env.{name}: must name an environment variable "
+                "(letters, digits, underscores), not hold a value"
+            )
+    both = {n.lower() for n in ep.headers} & {n.lower() for n in ep.headers_env}
+    for name in sorted(both):
+        problems.append(f"{where}: endpoint.headers: {name!r} is set in both headers and headers_env")
+    reserved = {"content-type", "content-length", "host"} | ({"authorization"} if ep.api_key_env else set())
+    for name in [*ep.headers, *ep.headers_env]:
+        if name.lower() in reserved:
+            problems.append(f"{where}: endpoint.headers: {name!r} is set by batchrun itself")
+    return problems
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
 def _endpoint_problems(where: str, ep: EndpointSection) -> list[str]:
     problems = [] if ep.api_base == BUILTIN else _check_api_base(where, ep)
+    problems += _header_problems(where, ep)
+    if ep.echo_match != "exact" and ep.protocol != "custom":
+        problems.append(
+            f"{where}: endpoint.echo_match: only for the custom protocol (OpenAI answers are matched by index)"
+        )
     if ep.api_key_env is not None and not _ENV_NAME.match(ep.api_key_env):
         # Not echoed: someone may have pasted the key itself here.
         problems.append(

@@ -24,10 +24,12 @@ from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
 from .localfs import crashpoint
 from .plan import Plan
-from .protocol import Answer, CustomCodec
+from .preflight import Access
+from .protocol import Answer
 from .retry import RetryPolicy
-from .segments import EMPTY_PROMPT, RESULT_SCHEMA, SegmentInfo
+from .segments import EMPTY_PROMPT, INVALID_INPUT, RESULT_SCHEMA, SegmentInfo
 from .storage import ProgressStore
+from .wire import codec_for, request_url
 
 log = logging.getLogger("batchrun")
 
@@ -105,7 +107,11 @@ class Segment:
         self.outcomes: list[RowOutcome | None] = [None] * n
         self.skipped = 0
         for i, why in enumerate(prompts.reason):
-            if why is not None:
+            if why is None:
+                continue
+            if i in prompts.invalid:
+                self.outcomes[i] = RowOutcome(None, f"{INVALID_INPUT}: {why}", 0, None, INVALID_INPUT)
+            else:
                 self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None, EMPTY_PROMPT)
                 self.skipped += 1
         self.outstanding = 0
@@ -115,8 +121,9 @@ class Segment:
     def carry_over(self, table: pa.Table) -> None:
         """Reuse earlier successful results whose prompt hash (and id) still match."""
         d = table.to_pydict()
-        for row, h, rid, out, params, err, att, lat in zip(
-            d["row"], d["prompt_hash"], d["id"], d["output"], d["params"], d["error"], d["attempts"], d["latency_s"]
+        for row, h, rid, out, params, err, att, lat, fin, ptok, ctok in zip(
+            d["row"], d["prompt_hash"], d["id"], d["output"], d["params"], d["error"], d["attempts"], d["latency_s"],
+            d["finish_reason"], d["prompt_tokens"], d["completion_tokens"],
         ):
             i = row - self.start
             if err is not None or not 0 <= i < len(self.outcomes) or self.hashes[i] != h:
@@ -124,7 +131,7 @@ class Segment:
             if self.ids is not None and self.ids[i] != rid:
                 continue
             if self.outcomes[i] is None:
-                self.outcomes[i] = RowOutcome(Answer(out, params), None, att, lat)
+                self.outcomes[i] = RowOutcome(Answer(out, params, fin, ptok, ctok), None, att, lat)
 
     def pending(self) -> list[int]:
         return [i for i, o in enumerate(self.outcomes) if o is None]
@@ -143,6 +150,9 @@ class Segment:
                 "error": [o.error for o in outs],
                 "attempts": [o.attempts for o in outs],
                 "latency_s": [o.latency_s for o in outs],
+                "finish_reason": [o.answer.finish_reason if o.answer else None for o in outs],
+                "prompt_tokens": [o.answer.prompt_tokens if o.answer else None for o in outs],
+                "completion_tokens": [o.answer.completion_tokens if o.answer else None for o in outs],
             },
             schema=RESULT_SCHEMA,
         )
@@ -156,7 +166,7 @@ class Engine:
         plan: Plan,
         infos: dict[int, SegmentInfo],
         todo: list[int],
-        api_key: str | None,
+        access: Access,
         on_progress: Callable[[Progress], None] | None,
         started: float,
         endpoint: AbstractAsyncContextManager[str],
@@ -166,7 +176,7 @@ class Engine:
         self.plan = plan
         self.infos = infos
         self.todo = set(todo)
-        self.api_key = api_key
+        self.access = access
         self.on_progress = on_progress
         self.endpoint = endpoint  # yields the URL to send to for the length of the run
         self.started = started
@@ -218,13 +228,15 @@ class Engine:
         admission = FixedAdmission(
             run.concurrency, run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy
         )
-        async with self.endpoint as url, make_session(admission.max_in_flight, self.spec.timeout_s) as session:
+        async with self.endpoint as url, make_session(admission.max_in_flight, self.spec.timeout_s, self.access.ssl_context) as session:
             client = EndpointClient(
                 session,
-                url,
-                CustomCodec(self.spec.model_name, self.spec.params, self.spec.echo_match),
+                request_url(self.spec, url),
+                codec_for(self.spec),
                 policy,
-                api_key=self.api_key,
+                api_key=self.access.api_key,
+                headers=self.access.headers,
+                secrets=self.access.secrets,
                 admission=admission,
                 accounting=self.accounting,
                 max_response_bytes=self.spec.max_response_bytes,

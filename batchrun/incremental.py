@@ -52,15 +52,22 @@ def _carry_counts(state: ProgressStore, made_for: str) -> dict[str, int] | None:
     return counts
 
 
+# What OpenAI protocols keep of an answer beside its output (null for custom).
+_ANSWER_EXTRAS = ("finish_reason", "prompt_tokens", "completion_tokens")
+
+
 def _join_previous(spec: JobSpec, state: ProgressStore, made_for: str) -> dict[str, int]:
     incoming = state.scratch_path("incoming.parquet")
     rows = _write_incoming(spec, incoming)
     previous = [f for f in state.result_files(with_carry=True) if _readable(f)]
     if previous:
         prev = (
-            pl.scan_parquet(previous, schema=pl.DataFrame(RESULT_SCHEMA.empty_table()).schema)
+            # missing_columns: segments written before a column existed read it as null.
+            pl.scan_parquet(
+                previous, schema=pl.DataFrame(RESULT_SCHEMA.empty_table()).schema, missing_columns="insert"
+            )
             .filter(pl.col("error").is_null() & pl.col("id").is_not_null())
-            .select("id", "prompt_hash", "output", "params", "attempts", "latency_s")
+            .select("id", "prompt_hash", "output", "params", "attempts", "latency_s", *_ANSWER_EXTRAS)
             .unique(subset=["id"], keep="first", maintain_order=True)
             .rename({"prompt_hash": "previous_hash"})
         )
@@ -70,7 +77,7 @@ def _join_previous(spec: JobSpec, state: ProgressStore, made_for: str) -> dict[s
             joined.filter(pl.col("prompt_hash") == pl.col("previous_hash"))
             .select(
                 "row", "prompt_hash", "id", "output", "params",
-                pl.lit(None, dtype=pl.String).alias("error"), "attempts", "latency_s",
+                pl.lit(None, dtype=pl.String).alias("error"), "attempts", "latency_s", *_ANSWER_EXTRAS,
             )
             .sort("row")
             .collect()

@@ -19,7 +19,8 @@ from .storage import InputStore, input_store
 if TYPE_CHECKING:
     from .config import InputFiles, InputSection, JobSpec
 
-# Columns batchrun adds to every output row; an input column with one of these names is refused.
+# Columns batchrun adds to every output row of a custom job (OpenAI protocols add more, see
+# wire.COLUMNS); an input column with one of these names is refused.
 RESULT_COLUMNS = ("output", "params", "error", "attempts", "latency_s")
 
 
@@ -37,19 +38,20 @@ def with_input(spec: JobSpec) -> JobSpec:
     if spec.input is not None:
         return spec
     from .config import InputSection
+    from .wire import result_columns
 
     section = InputSection(
         path=spec.input_pattern, prompt_column=spec.prompt_column, template=spec.template,
-        id_column=spec.id_column, format=spec.input_format_option,
+        messages_column=spec.messages_column, id_column=spec.id_column, format=spec.input_format_option,
     )
-    found, problems = scan_input(section, spec.job_path.parent, spec.template_fields)
+    found, problems = scan_input(section, spec.job_path.parent, spec.template_fields, result_columns(spec))
     if problems:
         raise JobError([f"{spec.job_path}: {p}" for p in problems])
     return spec.model_copy(update={"input": found})
 
 
 def scan_input(
-    inp: InputSection, base: Path, template_fields: tuple[str, ...]
+    inp: InputSection, base: Path, template_fields: tuple[str, ...], added: tuple[str, ...] = RESULT_COLUMNS
 ) -> tuple[InputFiles | None, list[str]]:
     """The files ``inp`` names, their format and columns, and what is wrong with them for this
     job (each problem worded "input.<key>: ...")."""
@@ -64,9 +66,11 @@ def scan_input(
         return None, [f"input.path: {p}" for p in exc.problems]
     columns = tuple(schema.names)
     problems += column_type_problems(
-        schema, prompt_column=inp.prompt_column, template_fields=template_fields, id_column=inp.id_column
+        schema, prompt_column=inp.prompt_column, template_fields=template_fields, id_column=inp.id_column,
+        messages_column=inp.messages_column,
     )
     wanted = [("prompt_column", inp.prompt_column), ("id_column", inp.id_column)]
+    wanted += [("messages_column", inp.messages_column)]
     wanted += [("template", f) for f in template_fields]
     for key, col in wanted:
         if col is not None and col not in columns:
@@ -74,11 +78,11 @@ def scan_input(
                 f"input.{key}: column {col!r} is not in the input (columns: {', '.join(columns)})"
                 + _near_column(col, columns)
             )
-    clash = [c for c in columns if c in RESULT_COLUMNS]
+    clash = [c for c in columns if c in added]
     if clash:
         problems.append(
             f"input.path: input column(s) {', '.join(map(repr, clash))} clash with "
-            f"the columns batchrun adds ({', '.join(RESULT_COLUMNS)}); rename them"
+            f"the columns batchrun adds ({', '.join(added)}); rename them"
         )
     return InputFiles(files=files, format=fmt, columns=columns), problems
 
@@ -130,7 +134,12 @@ def _file_schema(store: InputStore, path: Path, fmt: str) -> pa.Schema:
 
 
 def column_type_problems(
-    schema: pa.Schema, *, prompt_column: str | None, template_fields: Sequence[str], id_column: str | None
+    schema: pa.Schema,
+    *,
+    prompt_column: str | None,
+    template_fields: Sequence[str],
+    id_column: str | None,
+    messages_column: str | None = None,
 ) -> list[str]:
     """What is wrong with the types of the columns a job names (columns it lacks are left to
     the caller): a prompt is made of text or numbers, an id of a scalar that prints exactly."""
@@ -147,6 +156,11 @@ def column_type_problems(
                 f"input.template: column {name!r} is {_shown(types[name])}, not text or a number; a "
                 "template may only name text or number columns"
             )
+    if messages_column in types and not _messages_type(types[messages_column]):
+        problems.append(
+            f"input.messages_column: column {messages_column!r} is {_shown(types[messages_column])}; messages "
+            "are a list<struct<role, content>> column, or JSON text of one"
+        )
     if id_column in types and not _id_type(types[id_column]):
         problems.append(
             f"input.id_column: column {id_column!r} is {_shown(types[id_column])}, which cannot be "
@@ -173,6 +187,15 @@ def _text_or_number(t: pa.DataType) -> bool:
         return _text_or_number(t.value_type)
     # null: a column with no value at all (every row an empty prompt, none sent).
     return _is_text(t) or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)
+
+
+def _messages_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _messages_type(t.value_type)
+    if _is_text(t) or pa.types.is_null(t):
+        return True
+    is_list = isinstance(t, (pa.ListType, pa.LargeListType, pa.ListViewType, pa.LargeListViewType))
+    return is_list and pa.types.is_struct(t.value_type)
 
 
 def _id_type(t: pa.DataType) -> bool:

@@ -15,7 +15,8 @@ import fnmatch
 import glob
 import json
 import os
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,48 @@ OVERWRITE_HINT = "set output.overwrite = true in the job (or pass --overwrite) t
 def with_overwrite(spec: JobSpec, overwrite: bool) -> JobSpec:
     """The job as ``--overwrite`` (or ``overwrite=True``) makes it: as ``output.overwrite = true``."""
     return spec.model_copy(update={"overwrite_output": True}) if overwrite else spec
+
+
+@dataclass(frozen=True)
+class Access:
+    """What every request carries besides its body: the key, extra headers, the CA to trust.
+
+    Never printed: ``repr`` names the headers, not their values.
+    """
+
+    api_key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()  # header values read from the environment: never in a message
+    ssl_context: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:
+        return f"Access(api_key={'set' if self.api_key else None}, headers={sorted(self.headers)})"
+
+
+def read_access(spec: JobSpec) -> Access:
+    """The key, the headers and the CA bundle the job names; ``JobError`` naming an unset
+    variable or an unreadable bundle."""
+    headers = dict(spec.headers)
+    secrets = []
+    for name, var in spec.headers_env.items():
+        value = os.environ.get(var)
+        if not value:
+            raise JobError(
+                f"{spec.job_path}: endpoint.headers_env.{name}: environment variable {var} is not set "
+                "(it should hold that header's value)"
+            )
+        if "\n" in value or "\r" in value:
+            raise JobError(f"{spec.job_path}: endpoint.headers_env.{name}: the value of {var} holds a line break")
+        headers[name] = value
+        secrets.append(value)
+    context = None
+    if spec.ca_bundle is not None:
+        try:
+            context = ssl.create_default_context(cafile=str(spec.ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise JobError(f"{spec.job_path}: endpoint.ca_bundle: cannot load {spec.ca_bundle} ({why})") from None
+    return Access(read_api_key(spec), headers, tuple(secrets), context)
 
 
 def read_api_key(spec: JobSpec) -> str | None:
@@ -135,7 +178,15 @@ def check_saved_progress(
     the input is planned again incrementally)."""
     settings = json.loads(json.dumps(spec.settings()))
     saved = plan.settings
-    changed = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in settings if saved.get(k) != settings[k]]
+    # Keys only some protocols record (a custom job records none of the OpenAI ones, as before
+    # they existed) read as their default where absent, so a switch of protocol is a change.
+    keys = list(settings) + [k for k in saved if k not in settings]
+    defaults = {"protocol": "custom"}
+    changed = [
+        f"{k}: {saved.get(k, defaults.get(k))!r} -> {settings.get(k, defaults.get(k))!r}"
+        for k in keys
+        if saved.get(k, defaults.get(k)) != settings.get(k, defaults.get(k))
+    ]
     seen = fingerprints.check(input_store(spec.input_pattern), plan, spec.input_files)
     if not changed and (seen.same or (spec.id_column and allow_incremental)):
         return seen
@@ -169,7 +220,7 @@ def validate_job(job: JobSpec | str | Path, *, overwrite: bool = False) -> Valid
     from .inputcheck import open_job, with_input
 
     spec = with_overwrite(with_input(job) if isinstance(job, JobSpec) else open_job(job), overwrite)
-    read_api_key(spec)
+    read_access(spec)
     check_output_path(spec)
     check_output_writable(spec, create=False)
     state = progress_store(spec)

@@ -72,6 +72,9 @@ class RunSummary:
     prompts_resent: int = 0
     retries_by_cause: dict[str, int] = field(default_factory=dict)
     throttle_wait_s: float = 0.0
+    # Tokens the endpoint reported spending this run (OpenAI protocols' usage; 0 for custom).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     incremental: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
     write_output_s: float = 0.0
@@ -110,6 +113,8 @@ class RunSummary:
         retries = sum(self.retries_by_cause.values())
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_cause.items()))
         throttled = f", {self.throttle_wait_s:.1f}s throttled" if self.throttle_wait_s >= 0.05 else ""
+        if self.prompt_tokens or self.completion_tokens:
+            throttled += f", {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens"
         # A run that stopped early wrote no output: say where it stands instead.
         end = (
             f"output: {self.output_path}"

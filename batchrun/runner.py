@@ -31,11 +31,12 @@ from .localfs import crashpoint
 from .memory import release_free_memory
 from .plan import Plan
 from .preflight import (
+    Access,
     check_output_owned,
     check_output_path,
     check_output_writable,
     check_saved_progress,
-    read_api_key,
+    read_access,
     with_overwrite,
 )
 from .report import (
@@ -52,6 +53,7 @@ from .report import (
 from .segments import SegmentInfo
 from .sink import write_output
 from .storage import ProgressStore, input_store, output_store, progress_store
+from .wire import builtin_path
 
 log = logging.getLogger("batchrun")
 
@@ -83,7 +85,7 @@ def run_job(
     if restart and part is not None:
         raise JobError("--restart discards the progress of every shard; run it once without --shard")
     check_output_path(spec)
-    api_key = read_api_key(spec)
+    access = read_access(spec)
     check_output_writable(spec, create=True)
     state = progress_store(spec)
     summary = RunSummary(
@@ -95,7 +97,7 @@ def run_job(
         with StopSignals() if handle_signals else nullcontext() as signals, state.lock(
             f"lock.{part.slug}" if part else "lock"
         ):
-            _run_locked(spec, state, summary, part, restart, api_key, on_progress, signals, started)
+            _run_locked(spec, state, summary, part, restart, access, on_progress, signals, started)
     except BusyError:
         raise
     except BatchrunError as exc:
@@ -153,7 +155,7 @@ def _endpoint(spec: JobSpec) -> AbstractAsyncContextManager[str]:
     if spec.api_base == BUILTIN:
         from .server import builtin_endpoint  # aiohttp's server side, only when asked for
 
-        return builtin_endpoint()
+        return builtin_endpoint(builtin_path(spec))
     return nullcontext(spec.api_base)
 
 
@@ -196,7 +198,7 @@ def _run_locked(
     summary: RunSummary,
     part: Shard | None,
     restart: bool,
-    api_key: str | None,
+    access: Access,
     on_progress: Callable[[Progress], None] | None,
     signals: StopSignals | None,
     started: float,
@@ -220,7 +222,7 @@ def _run_locked(
         if todo:
             state.clear_finished()
             output_store(spec).remove(success_path(spec))
-            engine = Engine(spec, state, plan, infos, todo, api_key, on_progress, started, _endpoint(spec))
+            engine = Engine(spec, state, plan, infos, todo, access, on_progress, started, _endpoint(spec))
             try:
                 _run_engine(engine, signals)
             finally:
@@ -333,6 +335,8 @@ def _account(summary: RunSummary, engine: Engine) -> None:
     for cause, n in acc.retries.items():
         summary.retries_by_cause[cause] = summary.retries_by_cause.get(cause, 0) + n
     summary.throttle_wait_s += acc.throttle_wait_s
+    summary.prompt_tokens += acc.prompt_tokens
+    summary.completion_tokens += acc.completion_tokens
     summary.rows_answered_this_run += engine.answered
 
 

@@ -24,10 +24,17 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("attempts", pa.int32()),
         ("latency_s", pa.float64()),
+        # Filled by OpenAI protocols (null for custom, and in segments written before they existed).
+        ("finish_reason", pa.list_(pa.string())),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
     ]
 )
 # The error class of a row whose prompt is empty: skipped, not sent, not failed.
 EMPTY_PROMPT = "empty_prompt"
+# The error class of a row whose input cannot be sent at all (a malformed messages value): failed,
+# never sent; a rerun finds it failed again until the input is fixed.
+INVALID_INPUT = "invalid_input"
 
 
 @dataclass(frozen=True)

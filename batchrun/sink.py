@@ -19,6 +19,7 @@ from .errors import StateError
 from .plan import Plan
 from .segments import EMPTY_PROMPT, SegmentInfo
 from .storage import ProgressStore, output_store
+from .wire import result_columns
 
 if TYPE_CHECKING:
     from .config import JobSpec
@@ -88,6 +89,7 @@ def write_output(
         for key, kind in info.params_types.items():
             types[key] = merge_kind(types.get(key), kind)
     struct = params_struct(types)
+    columns = result_columns(spec)
     stats = OutputStats()
     # The store records the new file's identity in the run state before it shows at the output
     # path: the file that appears there is then known as this job's.
@@ -97,15 +99,9 @@ def write_output(
             for k, inp in source.iter_segments(spec, None, seg_rows):
                 res = state.read_segment(k)
                 _check_alignment(spec, k, seg_rows, inp, res)
-                errors = res.column("error")
                 out = inp
-                for name, col in (
-                    ("output", res.column("output")),
-                    ("params", _typed_params(res.column("params"), struct)),
-                    ("error", errors),
-                    ("attempts", res.column("attempts")),
-                    ("latency_s", res.column("latency_s")),
-                ):
+                for name in columns:
+                    col = _typed_params(res.column("params"), struct) if name == "params" else res.column(name)
                     out = out.append_column(name, col)
                 if writer is None:
                     writer = _GroupedWriter(tmp, out.schema, _statistics_columns(out.schema, spec.id_column))

@@ -275,10 +275,12 @@ def iter_segments(
 
 @dataclass(frozen=True)
 class Prompts:
-    """The prompts of a run of rows: ``text[i]`` is None where ``reason[i]`` says why it is not sent."""
+    """The prompts of a run of rows: ``text[i]`` is None where ``reason[i]`` says why it is not
+    sent: an empty prompt (skipped), or, for rows in ``invalid``, a value that cannot be sent."""
 
     text: list[str | None]
     reason: list[str | None]
+    invalid: frozenset[int] = frozenset()
 
     def hashes(self) -> np.ndarray:
         return prompt_hashes(self.text)
@@ -286,6 +288,8 @@ class Prompts:
 
 def render_prompts(table: pa.Table, spec: JobSpec) -> Prompts:
     """Build each row's prompt from its column or template; null and empty prompts are not sent."""
+    if spec.messages_column is not None:
+        return _render_messages(table.column(spec.messages_column).to_pylist(), spec.messages_column)
     if spec.prompt_column is not None:
         values = table.column(spec.prompt_column).to_pylist()
         texts: list[str | None] = []
@@ -323,6 +327,29 @@ def render_prompts(table: pa.Table, spec: JobSpec) -> Prompts:
             texts.append(text)
             reasons.append(None)
     return Prompts(texts, reasons)
+
+
+def _render_messages(values: list[object], column: str) -> Prompts:
+    """Each row's conversation as the canonical JSON text the chat codec sends (and the prompt
+    hash covers); a null or empty one is not sent, a malformed one fails its row."""
+    from .chat import read_messages
+
+    texts: list[str | None] = []
+    reasons: list[str | None] = []
+    invalid = set()
+    for i, v in enumerate(values):
+        if v is None or v == [] or (isinstance(v, str) and not v.strip()):
+            texts.append(None)
+            reasons.append(f"{column} is {'null' if v is None else 'empty'}; not sent")
+            continue
+        try:
+            texts.append(read_messages(v))
+            reasons.append(None)
+        except ValueError as exc:
+            texts.append(None)
+            reasons.append(f"{column}: {exc}; not sent")
+            invalid.add(i)
+    return Prompts(texts, reasons, frozenset(invalid))
 
 
 def prompt_hash(text: str | None) -> int:

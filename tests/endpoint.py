@@ -75,6 +75,7 @@ class Arrival:
     prompts: int
     headers: dict[str, str]
     fault: str | None = None
+    path: str = ""  # the route it was sent to (/inference, /v1/completions, ...)
     answered_at: float | None = None  # when the answer (or fault) was handed back
 
 
@@ -89,6 +90,7 @@ class FaultLog:
     max_batch: int = 0
     prompts_received: list[str] = field(default_factory=list)
     arrivals: list[Arrival] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # every request body, as received
 
 
 def _spoil(kind: str, item: dict) -> dict:
@@ -355,7 +357,8 @@ class LiveEndpoint:
     async def _middleware(self, request: web.Request, handler):
         if request.method != "POST":
             return await handler(request)
-        arrival = Arrival(next(self._numbers), time.monotonic(), 0, dict(request.headers))
+        arrival = Arrival(next(self._numbers), time.monotonic(), 0, dict(request.headers), path=request.path)
+        self.log.bodies.append(await request.read())
         try:
             prompts = _prompts_of(await request.json())
         except Exception:

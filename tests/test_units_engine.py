@@ -110,6 +110,9 @@ def results(spec: JobSpec, rows: list[dict[str, Any]], start: int, stop: int, **
             "error": [errors.get(r["id"]) for r in part],
             "attempts": [1] * len(part),
             "latency_s": [0.25] * len(part),
+            "finish_reason": [None] * len(part),
+            "prompt_tokens": [None] * len(part),
+            "completion_tokens": [None] * len(part),
         },
         schema=RESULT_SCHEMA,
     )
