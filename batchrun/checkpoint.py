@@ -46,6 +46,15 @@ from .plan import Plan
 from .segments import ANY_SEGMENT, RESULT_SCHEMA, SegmentFile, SegmentInfo, read_checked
 
 
+def _usage_of(kv: dict[bytes, bytes]) -> dict[str, int]:
+    """The tokens a segment's footer records (none in footers written before they were kept)."""
+    raw = kv.get(b"batchrun.usage")
+    if raw is None:
+        return {}
+    prompt, completion = json.loads(raw)
+    return {"prompt_tokens": int(prompt), "completion_tokens": int(completion)}
+
+
 class DamagedStateError(Exception):
     """A checkpoint file did not read back whole; it has been removed and its rows will be redone."""
 
@@ -263,6 +272,7 @@ class RunState:
                     retryable=int(kv[b"batchrun.retryable"]),
                     params_types=json.loads(kv[b"batchrun.params_types"]),
                     failed_by_class=json.loads(kv[b"batchrun.failed_by_class"]),
+                    **_usage_of(kv),
                 )
             except (ValueError, KeyError, OSError, pa.ArrowException):
                 if remove_damaged:

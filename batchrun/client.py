@@ -7,7 +7,7 @@ import io
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -15,7 +15,7 @@ import aiohttp
 
 from .admission import Admission, AttemptResult, FixedAdmission, Stopping, sleep_unless_stopped
 from .errors import AuthError, EndpointError
-from .protocol import Answer, Codec, Matched, ResponseError
+from .protocol import Answer, Codec, Matched, ResponseError, Usage
 from .retry import INVALID, OutageVerdict, RetryLog, RetryPolicy, parse_retry_after
 
 # A hostile or broken endpoint must not exhaust memory: larger responses are refused.
@@ -106,19 +106,23 @@ class EndpointClient:
         self.accounting = accounting if accounting is not None else Accounting()
 
     async def process(
-        self, prompts: Sequence[str], outcomes: list[RowOutcome | None] | None = None
+        self,
+        prompts: Sequence[str],
+        outcomes: list[RowOutcome | None] | None = None,
+        on_usage: Callable[[Usage], None] | None = None,
     ) -> list[RowOutcome | None]:
         """Answer every prompt, retrying failed attempts and splitting refused batches.
 
         Outcomes are written into ``outcomes`` as they come, so that a caller whose call is
         cancelled, or ends in ``OutageError``, still holds the rows answered before. Every entry
-        is set unless the run is stopping.
+        is set unless the run is stopping. ``on_usage`` hears the tokens every answered attempt
+        was reported to spend (formats with usage).
         """
         if outcomes is None:
             outcomes = [None] * len(prompts)
         attempts = [0] * len(prompts)
         try:
-            await self._process(list(range(len(prompts))), prompts, outcomes, attempts)
+            await self._process(list(range(len(prompts))), prompts, outcomes, attempts, on_usage)
         except Stopping:
             pass
         return outcomes
@@ -129,6 +133,7 @@ class EndpointClient:
         prompts: Sequence[str],
         outcomes: list[RowOutcome | None],
         attempts: list[int],
+        on_usage: Callable[[Usage], None] | None = None,
     ) -> None:
         failure = _Transient("", "")
         for attempt in range(self._policy.max_retries + 1):
@@ -160,8 +165,8 @@ class EndpointClient:
                     return
                 # One refused prompt must not sink its neighbours: halve until it stands alone.
                 half = len(pending) // 2
-                await self._process(pending[:half], prompts, outcomes, attempts)
-                await self._process(pending[half:], prompts, outcomes, attempts)
+                await self._process(pending[:half], prompts, outcomes, attempts, on_usage)
+                await self._process(pending[half:], prompts, outcomes, attempts, on_usage)
                 return
             except BaseException:  # the run is ending (credentials refused, redirect, cancelled)
                 self._settle(len(pending), started, "aborted")
@@ -170,6 +175,8 @@ class EndpointClient:
             if matched.usage is not None:
                 self.accounting.prompt_tokens += matched.usage.prompt_tokens
                 self.accounting.completion_tokens += matched.usage.completion_tokens
+                if on_usage is not None:
+                    on_usage(matched.usage)
             for j, answer in matched.answers.items():
                 i = pending[j]
                 outcomes[i] = RowOutcome(answer, None, attempts[i], latency)

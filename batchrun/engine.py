@@ -25,7 +25,7 @@ from .errors import BatchrunError, InterruptedRun
 from .localfs import crashpoint
 from .plan import Plan
 from .preflight import Access
-from .protocol import Answer
+from .protocol import Answer, Usage
 from .retry import RetryPolicy
 from .segments import EMPTY_PROMPT, INVALID_INPUT, RESULT_SCHEMA, SegmentInfo
 from .storage import ProgressStore
@@ -114,6 +114,7 @@ class Segment:
             else:
                 self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None, EMPTY_PROMPT)
                 self.skipped += 1
+        self.usage = [0, 0]  # tokens its requests were reported to spend (prompt, completion)
         self.outstanding = 0
         self.dirty = False  # results not yet in a partial file
         self.sent_before: set[int] = set()  # rows a crashed run had sent (from the journal)
@@ -132,6 +133,10 @@ class Segment:
                 continue
             if self.outcomes[i] is None:
                 self.outcomes[i] = RowOutcome(Answer(out, params, fin, ptok, ctok), None, att, lat)
+
+    def add_usage(self, usage: Usage) -> None:
+        self.usage[0] += usage.prompt_tokens
+        self.usage[1] += usage.completion_tokens
 
     def pending(self) -> list[int]:
         return [i for i, o in enumerate(self.outcomes) if o is None]
@@ -340,7 +345,7 @@ class Engine:
                 try:
                     # Batches hold only rows with a prompt (empty ones are resolved when opened).
                     prompts = cast(list[str], [seg.texts[i] for i in batch.rows])
-                    await client.process(prompts, outcomes)
+                    await client.process(prompts, outcomes, seg.add_usage)
                 finally:
                     # Also when stopped, cancelled or ended by an outage: rows answered so far are
                     # kept (a partial checkpoint saves them), the others stay unresolved.
@@ -383,7 +388,7 @@ class Engine:
             if o is not None and o.error is not None:
                 assert o.error_class is not None, o.error  # every failed outcome is made with its class
                 failed[o.error_class] += 1
-        info = SegmentInfo.of(table, dict(failed))
+        info = SegmentInfo.of(table, dict(failed), (seg.usage[0], seg.usage[1]))
         async with self.write_lock:
             await asyncio.to_thread(self.state.commit_segment, seg.k, table, info)
         self.open.pop(seg.k, None)

@@ -177,6 +177,9 @@ def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
             skipped=counts["skipped"],
             pending=plan.rows - done,
             saved_in_partials=state.partial_rows(),
+            # Tokens the endpoint reported for the committed segments' requests (OpenAI protocols).
+            prompt_tokens=sum(i.prompt_tokens for i in infos.values()),
+            completion_tokens=sum(i.completion_tokens for i in infos.values()),
         )
     out["running"] = state.holders()
     out["last_run"] = store.read_json(summary_path(spec, None))

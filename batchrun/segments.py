@@ -46,10 +46,15 @@ class SegmentInfo:
     retryable: int  # failed rows a rerun sends again (all but empty prompts)
     params_types: dict[str, str] = field(default_factory=dict)
     failed_by_class: dict[str, int] = field(default_factory=dict)
+    # Tokens the endpoint reported for the requests of the run that committed the segment
+    # (OpenAI protocols; 0 for custom and for segments written before this was kept).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     @classmethod
-    def of(cls, table: pa.Table, failed_by_class: dict[str, int]) -> SegmentInfo:
-        """A complete segment's info, from its results and its failed rows counted by class."""
+    def of(cls, table: pa.Table, failed_by_class: dict[str, int], usage: tuple[int, int] = (0, 0)) -> SegmentInfo:
+        """A complete segment's info, from its results, its failed rows counted by class and
+        the tokens its requests were reported to spend."""
         failed = sum(failed_by_class.values())
         return cls(
             rows=table.num_rows,
@@ -57,6 +62,8 @@ class SegmentInfo:
             retryable=failed - failed_by_class.get(EMPTY_PROMPT, 0),
             params_types=params_types(table.column("params").unique().to_pylist()),
             failed_by_class=failed_by_class,
+            prompt_tokens=usage[0],
+            completion_tokens=usage[1],
         )
 
     @property
@@ -71,6 +78,7 @@ class SegmentInfo:
             "batchrun.retryable": str(self.retryable),
             "batchrun.params_types": json.dumps(self.params_types, sort_keys=True),
             "batchrun.failed_by_class": json.dumps(self.failed_by_class, sort_keys=True),
+            "batchrun.usage": json.dumps([self.prompt_tokens, self.completion_tokens]),
         }
 
 

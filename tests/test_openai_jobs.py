@@ -125,6 +125,8 @@ def test_completions_pack_batch_size_prompts_a_request_keep_finish_reason_and_su
     assert summary["completion_tokens"] == words  # the toy server counts a token a word
     assert summary["prompt_tokens"] == sum(len(r["prompt"].split()) for r in rows)
     assert f"{summary['prompt_tokens']} prompt + {words} completion tokens" in result.stdout
+    status = json.loads(cli("status", job.path, "--json").stdout)
+    assert (status["prompt_tokens"], status["completion_tokens"]) == (summary["prompt_tokens"], words)
 
 
 def test_any_param_is_sent_as_given_and_n_gives_each_row_its_samples_in_order(make_job: MakeJob) -> None:
