@@ -1,12 +1,10 @@
-"""The async engine: a fixed pool of workers over a bounded queue, segment commits, partials, stop."""
+"""The async engine: a pool of workers sized by admission over a bounded queue, segment commits, partials, stop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
-import os
-import signal
 import time
 import uuid
 from collections import Counter
@@ -23,11 +21,12 @@ from .client import Accounting, EndpointClient, RowOutcome, make_session
 from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
 from .localfs import crashpoint
+from .opensegment import Segment
 from .plan import Plan
 from .preflight import Access
-from .protocol import Answer, Usage
 from .retry import RetryPolicy
-from .segments import EMPTY_PROMPT, INVALID_INPUT, RESULT_SCHEMA, SegmentInfo
+from .segments import SegmentInfo
+from .stopsignals import StopSignals
 from .storage import ProgressStore
 from .wire import codec_for, request_url
 
@@ -46,121 +45,10 @@ class Progress:
     skipped: int = 0  # rows not sent because their prompt is empty (counted in done)
 
 
-class StopSignals:
-    """SIGINT and SIGTERM for a whole run, installed once by the runner (CLI runs only).
-
-    While the engine runs, the first signal asks it to stop taking work and give requests in
-    flight ``grace_s`` to land and be saved. Outside it (planning, waiting for a lock, writing the
-    output) nothing is in flight: the first signal raises ``InterruptedRun`` where the run stands,
-    which is safe because every file is published atomically. A second signal exits at once.
-    """
-
-    def __init__(self) -> None:
-        self.fired: str | None = None
-        self._target: tuple[asyncio.AbstractEventLoop, Callable[[str], None]] | None = None
-
-    def __enter__(self) -> StopSignals:
-        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def attach(self, loop: asyncio.AbstractEventLoop, stop: Callable[[str], None]) -> None:
-        self._target = (loop, stop)
-
-    def detach(self) -> None:
-        self._target = None
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        if self.fired is not None:
-            # Every file is published atomically, so leaving now is safe; in-flight work is
-            # simply redone by the next run.
-            os.write(2, b"batchrun: second signal: exiting now; run the same command to resume\n")
-            os._exit(130)
-        self.fired = name
-        if self._target is None:
-            raise InterruptedRun(name)
-        loop, stop = self._target
-        loop.call_soon_threadsafe(stop, name)
-
-
 @dataclass
 class _Batch:
     segment: Segment
     rows: list[int]  # indexes within the segment
-
-
-class Segment:
-    """A segment being worked on: its prompts, the outcome of each row, and batches outstanding."""
-
-    def __init__(self, k: int, start: int, table: pa.Table, spec: JobSpec):
-        self.k = k
-        self.start = start
-        prompts = source.render_prompts(table, spec)
-        self.texts = prompts.text
-        self.hashes = prompts.hashes()
-        self.ids = source.id_strings(table, spec.id_column) if spec.id_column else None
-        n = table.num_rows
-        self.outcomes: list[RowOutcome | None] = [None] * n
-        self.skipped = 0
-        for i, why in enumerate(prompts.reason):
-            if why is None:
-                continue
-            if i in prompts.invalid:
-                self.outcomes[i] = RowOutcome(None, f"{INVALID_INPUT}: {why}", 0, None, INVALID_INPUT)
-            else:
-                self.outcomes[i] = RowOutcome(None, f"{EMPTY_PROMPT}: {why}", 0, None, EMPTY_PROMPT)
-                self.skipped += 1
-        self.usage = [0, 0]  # tokens its requests were reported to spend (prompt, completion)
-        self.outstanding = 0
-        self.dirty = False  # results not yet in a partial file
-        self.sent_before: set[int] = set()  # rows a crashed run had sent (from the journal)
-
-    def carry_over(self, table: pa.Table) -> None:
-        """Reuse earlier successful results whose prompt hash (and id) still match."""
-        d = table.to_pydict()
-        for row, h, rid, out, params, err, att, lat, fin, ptok, ctok in zip(
-            d["row"], d["prompt_hash"], d["id"], d["output"], d["params"], d["error"], d["attempts"], d["latency_s"],
-            d["finish_reason"], d["prompt_tokens"], d["completion_tokens"],
-        ):
-            i = row - self.start
-            if err is not None or not 0 <= i < len(self.outcomes) or self.hashes[i] != h:
-                continue
-            if self.ids is not None and self.ids[i] != rid:
-                continue
-            if self.outcomes[i] is None:
-                self.outcomes[i] = RowOutcome(Answer(out, params, fin, ptok, ctok), None, att, lat)
-
-    def add_usage(self, usage: Usage) -> None:
-        self.usage[0] += usage.prompt_tokens
-        self.usage[1] += usage.completion_tokens
-
-    def pending(self) -> list[int]:
-        return [i for i, o in enumerate(self.outcomes) if o is None]
-
-    def to_table(self) -> pa.Table:
-        """The resolved rows' results (all of them once the segment is complete)."""
-        idx = [i for i, o in enumerate(self.outcomes) if o is not None]
-        outs = [o for o in self.outcomes if o is not None]
-        return pa.table(
-            {
-                "row": [self.start + i for i in idx],
-                "prompt_hash": self.hashes[idx] if idx else pa.array([], pa.int64()),
-                "id": [self.ids[i] for i in idx] if self.ids is not None else [None] * len(idx),
-                "output": [o.answer.output if o.answer else None for o in outs],
-                "params": [o.answer.params_json if o.answer else None for o in outs],
-                "error": [o.error for o in outs],
-                "attempts": [o.attempts for o in outs],
-                "latency_s": [o.latency_s for o in outs],
-                "finish_reason": [o.answer.finish_reason if o.answer else None for o in outs],
-                "prompt_tokens": [o.answer.prompt_tokens if o.answer else None for o in outs],
-                "completion_tokens": [o.answer.completion_tokens if o.answer else None for o in outs],
-            },
-            schema=RESULT_SCHEMA,
-        )
 
 
 class Engine:

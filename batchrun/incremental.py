@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import source
+from .prompts import render_prompts
 from .segments import RESULT_SCHEMA
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ def _write_incoming(spec: JobSpec, path: Path) -> int:
                     {
                         "row": pa.array(range(row, row + n), pa.int64()),
                         "id": source.id_strings(table, id_column),
-                        "prompt_hash": source.render_prompts(table, spec).hashes(),
+                        "prompt_hash": render_prompts(table, spec).hashes(),
                     },
                     schema=schema,
                 )

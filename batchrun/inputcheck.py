@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from . import csvinput, source
 from .errors import JobError
+from .prompts import render_prompts
 from .storage import InputStore, input_store
 
 if TYPE_CHECKING:
@@ -223,6 +224,6 @@ def check_sample(spec: JobSpec) -> None:
     for f in spec.input_files:
         for batch in source.read_sample(spec, f, columns):
             table = pa.Table.from_batches([batch])
-            source.render_prompts(table, spec)
+            render_prompts(table, spec)
             if spec.id_column:
                 source.id_strings(table, spec.id_column)

@@ -14,8 +14,8 @@ from typing import Any
 from . import fingerprint as fingerprints
 from . import source
 from .checkpoint import DamagedStateError
-from .config import BUILTIN, JobSpec
-from .engine import Engine, Progress, StopSignals
+from .config import JobSpec
+from .engine import Engine, Progress
 from .errors import (
     BatchrunError,
     BusyError,
@@ -27,6 +27,7 @@ from .errors import (
 )
 from .incremental import carry_forward
 from .inputcheck import check_sample, open_job, with_input
+from .jobchecks import BUILTIN
 from .localfs import crashpoint
 from .memory import release_free_memory
 from .plan import Plan
@@ -52,6 +53,7 @@ from .report import (
 )
 from .segments import SegmentInfo
 from .sink import write_output
+from .stopsignals import StopSignals
 from .storage import ProgressStore, input_store, output_store, progress_store
 from .wire import builtin_path
 

@@ -17,6 +17,7 @@ from . import source
 from .echoed import merge_kind
 from .errors import StateError
 from .plan import Plan
+from .prompts import render_prompts
 from .segments import EMPTY_PROMPT, SegmentInfo
 from .storage import ProgressStore, output_store
 from .wire import result_columns
@@ -187,7 +188,7 @@ def _check_alignment(spec: JobSpec, k: int, seg_rows: int, inp: pa.Table, res: p
             f"checkpoint segment {k} does not cover input rows {start}..{start + inp.num_rows - 1}; "
             "run with --restart to redo the job"
         )
-    expected = source.render_prompts(inp, spec).hashes()
+    expected = render_prompts(inp, spec).hashes()
     if not np.array_equal(expected, res.column("prompt_hash").to_numpy()):
         bad = int(np.argmax(expected != res.column("prompt_hash").to_numpy()))
         raise StateError(

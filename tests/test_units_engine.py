@@ -20,7 +20,6 @@ import pytest
 from conftest import PARAMS, expected_output, prompt_rows, write_csv, write_job
 from endpoint import LiveEndpoint, shared_faults
 
-from batchrun import source
 from batchrun.checkpoint import RESULT_SCHEMA, DamagedStateError, RunState, SegmentInfo
 from batchrun.client import REJECTED, EndpointClient, RowOutcome, make_session
 from batchrun.config import JobSpec
@@ -28,6 +27,7 @@ from batchrun.errors import BusyError, StateError
 from batchrun.incremental import carry_forward
 from batchrun.inputcheck import open_job
 from batchrun.plan import Plan
+from batchrun.prompts import prompt_hash
 from batchrun.protocol import CustomCodec
 from batchrun.retry import RetryPolicy
 from batchrun.sink import write_output
@@ -103,7 +103,7 @@ def results(spec: JobSpec, rows: list[dict[str, Any]], start: int, stop: int, **
     return pa.table(
         {
             "row": list(range(start, stop)),
-            "prompt_hash": [source.prompt_hash(r["prompt"]) for r in part],
+            "prompt_hash": [prompt_hash(r["prompt"]) for r in part],
             "id": [r["id"] for r in part],
             "output": [None if r["id"] in errors else expected_output(r["prompt"]) for r in part],
             "params": [None if r["id"] in errors else json.dumps({"max_tokens": 6, "temperature": 0.5}) for r in part],
@@ -260,7 +260,7 @@ def test_unchanged_rows_carry_their_outputs_to_their_new_rows_changed_and_remove
         if r["id"] in by_id:
             assert by_id[r["id"]]["row"] == row  # the new position, not the old one
             assert by_id[r["id"]]["output"] == expected_output(r["prompt"])
-            assert by_id[r["id"]]["prompt_hash"] == source.prompt_hash(r["prompt"])
+            assert by_id[r["id"]]["prompt_hash"] == prompt_hash(r["prompt"])
     assert carry.column("error").null_count == carry.num_rows
     assert not state.has_progress()  # the old segments are gone; only the carry holds their answers
     assert state.read_carry(2, 3) is not None and state.read_carry(2, 3).column("id").to_pylist() == ["r000003"]
