@@ -117,6 +117,7 @@ def test_the_vllm_benchmark_runs_at_smoke_size_against_the_shared_server(vllm: V
     assert {r["kind"] for r in rows} >= {"vllm-packed", "vllm-single"}
     for r in rows:
         assert r["prompts"] == r["expected_prompts"] and r["steady_rate"] > 0, r
+    assert len({d for r in rows for d in r["outputs_sha"]}) == 1, "packed and single answered differently"
     assert "## vllm" in ran.stdout
 
 
