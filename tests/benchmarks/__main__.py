@@ -15,6 +15,11 @@ Sections (all by default, in this order):
   rows carrying a few KB of extra columns; the finish (writing the output) timed in each.
 - ``resume``: a 10M-row job 99% done (its last 1% of checkpoint segments removed): seconds from
   start to the first request, and to the end.
+- ``vllm`` (only when named): a real vLLM OpenAI-compatible server serving a tiny random-weight
+  model on CPU (tests/realvllm.py; the vLLM venv's python in BATCHRUN_VLLM_PYTHON, or a running
+  server given by ``--vllm-api-base``). Greedy ``/v1/completions``, prompts/s of a packed loop
+  (B prompts per request, C in flight) and of one prompt per request, in alternating rounds so
+  that a change in the machine's load falls on every contender alike.
 
 Every contender is its own process, reaped with ``wait4`` for its own CPU and peak RSS. Inputs
 and outputs go under ``--workdir`` (default: a folder in the system temp dir), never the repo.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -38,6 +44,8 @@ from typing import Any
 from .harness import BATCHRUN, Endpoint, machine, py_module, run_child, write_job
 
 SECTIONS = ("throughput", "cost", "memory", "resume")
+# Run only when named: they need software batchrun's venv does not have.
+OPTIONAL_SECTIONS = ("vllm",)
 
 
 @dataclass(frozen=True)
@@ -282,6 +290,88 @@ def run_resume(workdir: Path, smoke: bool) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class VllmContender:
+    kind: str
+    batch: int
+    concurrency: int
+    prompts: int
+
+
+def vllm_contenders(smoke: bool) -> tuple[list[VllmContender], int, int]:
+    """The contenders, the number of alternating rounds and max_tokens."""
+    n = 48 if smoke else 512
+    contenders = [VllmContender("vllm-packed", 8 if smoke else 16, 2 if smoke else 4, n),
+                  VllmContender("vllm-single", 1, 4 if smoke else 8, n)]
+    return contenders, 1 if smoke else 3, 4 if smoke else 16
+
+
+def vllm_command(c: VllmContender, api_base: str, inp: Path, max_tokens: int) -> list[str]:
+    """The child process of one contender; a new kind of contender is a new branch here."""
+    if c.kind in ("vllm-packed", "vllm-single"):
+        return py_module("baselines", "openai", "--url", api_base, "--concurrency", str(c.concurrency),
+                         "--batch", str(c.batch), "--input", str(inp), "--limit", str(c.prompts),
+                         "--max-tokens", str(max_tokens), "--model", "tiny")
+    # The hook for batchrun itself (protocol "openai-completions", issue 14): add
+    # VllmContender("batchrun", B, C, n) in vllm_contenders, write its job here with harness.write_job
+    # (api_base, model "tiny", the protocol, params {"max_tokens": max_tokens, "temperature": 0},
+    # batch_size B, concurrency C, the input limited to n rows) and return
+    # py_module("baselines", "batchrun", "--job", str(job)); its report has the same fields.
+    raise ValueError(f"unknown vLLM contender {c.kind!r}")
+
+
+def run_vllm(workdir: Path, smoke: bool, api_base: str | None = None) -> list[dict[str, Any]]:
+    from contextlib import ExitStack
+
+    from ..realvllm import MODEL_DIR_ENV, PYTHON_ENV, VllmServer, make_tiny_model, vllm_python
+
+    contenders, rounds, max_tokens = vllm_contenders(smoke)
+    say(f"\n## vllm: a real vLLM server on CPU (tiny random-weight Llama), greedy /v1/completions, "
+        f"max_tokens {max_tokens}; prompts/s at steady state, {rounds} alternating round(s)")
+    python = vllm_python()
+    if api_base is None and python is None:
+        raise SystemExit(f"the vllm section needs {PYTHON_ENV} (a vLLM venv's python) or --vllm-api-base")
+    inp = input_file(workdir, max(c.prompts for c in contenders), "parquet")
+    with ExitStack() as stack:
+        if api_base is None:
+            assert python is not None
+            started = time.monotonic()
+            model = make_tiny_model(Path(os.environ.get(MODEL_DIR_ENV) or workdir / "tiny-llama"), python=python)
+            made_s = time.monotonic() - started
+            server = stack.enter_context(VllmServer(python, model, log_path=workdir / "vllm-server.log"))
+            say(f"  model ready in {made_s:.0f}s, server ready in {server.ready_s:.0f}s ({server.api_base})")
+            api_base = server.api_base
+        # One unrecorded packed run first: the server's first requests are slower.
+        warm = run_child(vllm_command(VllmContender("vllm-packed", 8, 2, 32), api_base, inp, max_tokens), timeout_s=600)
+        if warm.code != 0:
+            raise RuntimeError(f"the warm-up failed (exit {warm.code}): {warm.stderr[-3000:]}")
+        runs: dict[str, list[dict[str, Any]]] = {c.kind: [] for c in contenders}
+        for _ in range(rounds):
+            for c in contenders:
+                r = run_child(vllm_command(c, api_base, inp, max_tokens), timeout_s=1800)
+                if r.code != 0 or not r.report:
+                    raise RuntimeError(f"{c.kind} failed (exit {r.code}): {r.stderr[-3000:]}")
+                runs[c.kind].append({**r.report, "cpu_s": r.cpu_s, "maxrss_mb": r.maxrss_mb})
+    say("| contender | B | C | prompts | prompts/s (median) | each round | CPU s/1k prompts | outputs digest |")
+    say("|---|---:|---:|---:|---:|---|---:|---|")
+    rows = []
+    for c in contenders:
+        rs = runs[c.kind]
+        rates = [r["steady_rate"] for r in rs]
+        median = sorted(rates)[len(rates) // 2]
+        digests = sorted({r.get("outputs_sha", "") for r in rs})
+        row = {"kind": c.kind, "batch": c.batch, "concurrency": c.concurrency, "max_tokens": max_tokens,
+               "expected_prompts": c.prompts, "prompts": min(int(r["prompts"]) for r in rs),
+               "steady_rate": median, "rates": rates, "cpu_per_1k": 1000 * sum(r["cpu_s"] for r in rs) / sum(r["prompts"] for r in rs),
+               "outputs_sha": digests}
+        say(f"| {c.kind} | {c.batch} | {c.concurrency} | {row['prompts']:,} | {median:,.0f} | "
+            f"{' / '.join(f'{x:,.0f}' for x in rates)} | {row['cpu_per_1k']:.2f} | {', '.join(digests)} |")
+        rows.append(row)
+    same = len({d for r in rows for d in r["outputs_sha"]}) == 1
+    say(f"\nevery contender's greedy outputs identical (by digest): {'yes' if same else 'NO'}")
+    return rows
+
+
 def _first_request(ep: Endpoint, proc: Any) -> dict[str, float]:
     started = time.monotonic()
     before = ep.stats()["requests"]
@@ -304,14 +394,16 @@ def say(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__.splitlines()[0])
-    ap.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("sections", nargs="*", metavar="SECTION",
+                    help=f"any of {', '.join(SECTIONS + OPTIONAL_SECTIONS)} (default: {', '.join(SECTIONS)})")
     ap.add_argument("--smoke", action="store_true", help="every section at a tiny size (CI)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "batchrun-bench")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    ap.add_argument("--vllm-api-base", help="vllm: a running server's http://HOST:PORT/v1 instead of starting one")
     args = ap.parse_args(argv)
-    unknown = set(args.sections) - set(SECTIONS)
+    unknown = set(args.sections) - set(SECTIONS + OPTIONAL_SECTIONS)
     if unknown:
-        ap.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+        ap.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS + OPTIONAL_SECTIONS)}")
     sections = args.sections or list(SECTIONS)
     args.workdir.mkdir(parents=True, exist_ok=True)
     info = machine()
@@ -319,8 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     say(f"machine: {info['nproc']} cores ({info['cpu']}), {info['memory']}, Python {info['python']}, "
         f"Linux {info['kernel']}, load {info['load']}")
     results: dict[str, Any] = {"machine": info, "smoke": args.smoke}
-    runners = {"throughput": run_throughput, "cost": run_cost, "memory": run_memory, "resume": run_resume}
-    for name in SECTIONS:
+    runners = {"throughput": run_throughput, "cost": run_cost, "memory": run_memory, "resume": run_resume,
+               "vllm": lambda workdir, smoke: run_vllm(workdir, smoke, args.vllm_api_base)}
+    for name in SECTIONS + OPTIONAL_SECTIONS:
         if name in sections:
             started = time.monotonic()
             results[name] = runners[name](args.workdir, args.smoke)

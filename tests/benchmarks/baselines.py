@@ -5,6 +5,7 @@
     python -m tests.benchmarks.baselines single   --url U --concurrency C --input F --out O --limit N
     python -m tests.benchmarks.baselines litellm  --url U --concurrency C --input F --limit N
     python -m tests.benchmarks.baselines batchrun --job JOB [--split]
+    python -m tests.benchmarks.baselines openai   --url API_BASE --concurrency C --batch B --input F --limit N
 
 Each prints one JSON line: prompts done, work seconds, the steady rate (prompts/s between 10% and
 90% of the prompts answered, so start-up and the tail are left out), the process's CPU seconds
@@ -183,6 +184,60 @@ async def blast(url: str, concurrency: int, batch: int, prompts: int) -> tuple[i
     return done, samples
 
 
+async def openai_loop(api_base: str, path: Path, concurrency: int, batch: int, limit: int | None,
+                      max_tokens: int, model: str) -> tuple[int, list[tuple[float, int]], str]:
+    """The hand-written loop against an OpenAI-compatible ``/v1/completions`` (a real vLLM):
+    B prompts per request as ``"prompt": [list]``, C requests in flight, greedy, each choice put
+    back in its prompt's place by its ``index``. Also returns a digest of every output in input
+    order, so two contenders can be seen to have answered alike."""
+    import hashlib
+
+    import aiohttp
+
+    queue: asyncio.Queue[tuple[int, list[str]] | None] = asyncio.Queue(maxsize=concurrency)
+    outputs: dict[int, str] = {}
+    samples: list[tuple[float, int]] = []
+    done = 0
+    t0 = time.monotonic()
+    url = f"{api_base.rstrip('/')}/completions"
+
+    async def produce() -> None:
+        pos = 0
+        for _, prompts in read_rows(path, limit):
+            for i in range(0, len(prompts), batch):
+                await queue.put((pos + i, prompts[i : i + batch]))
+            pos += len(prompts)
+        for _ in range(concurrency):
+            await queue.put(None)
+
+    async def work(session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        while (item := await queue.get()) is not None:
+            first, prompts = item
+            body = {"model": model, "prompt": prompts if batch > 1 else prompts[0], "max_tokens": max_tokens,
+                    "temperature": 0}
+            async with session.post(url, json=body) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {raw[:300]!r}")
+            choices = json.loads(raw)["choices"]
+            if sorted(c["index"] for c in choices) != list(range(len(prompts))):
+                raise RuntimeError(f"choices do not match the {len(prompts)} prompts sent: {raw[:300]!r}")
+            for c in choices:
+                outputs[first + c["index"]] = c["text"]
+            done += len(prompts)
+            samples.append((time.monotonic() - t0, done))
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(produce())
+            for _ in range(concurrency):
+                tg.create_task(work(session))
+    digest = hashlib.sha256(json.dumps([outputs[i] for i in range(len(outputs))]).encode()).hexdigest()[:16]
+    return done, samples, digest
+
+
 LITELLM_FAILED: list[int] = []
 
 
@@ -302,7 +357,7 @@ def batchrun_run(job: Path, split: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="one benchmark contender")
-    ap.add_argument("kind", choices=["blast", "grouped", "single", "litellm", "batchrun"])
+    ap.add_argument("kind", choices=["blast", "grouped", "single", "litellm", "batchrun", "openai"])
     ap.add_argument("--url")
     ap.add_argument("--input", type=Path)
     ap.add_argument("--out", type=Path)
@@ -312,20 +367,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=0)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--split", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=16, help="openai: max_tokens of each completion")
+    ap.add_argument("--model", default="tiny", help="openai: the served model name")
     args = ap.parse_args(argv)
     if args.kind == "batchrun":
         batchrun_run(args.job, args.split)
         return
     t0 = time.monotonic()
     cpu0 = cpu_now()
+    extra: dict[str, Any] = {}
     if args.kind == "blast":
         n, samples = asyncio.run(blast(args.url, args.concurrency, args.batch, args.prompts))
+    elif args.kind == "openai":
+        n, samples, extra["outputs_sha"] = asyncio.run(openai_loop(
+            args.url, args.input, args.concurrency, args.batch, args.limit, args.max_tokens, args.model))
     elif args.kind == "litellm":
         n, samples = litellm_loop(args.url, args.input, args.concurrency, args.limit)
     else:
         batch = 1 if args.kind == "single" else args.batch
         n, samples = asyncio.run(grouped_loop(args.url, args.input, args.out, args.concurrency, batch, args.limit))
-    extra = {"failed_calls": LITELLM_FAILED[0]} if LITELLM_FAILED else {}
+    if LITELLM_FAILED:
+        extra["failed_calls"] = LITELLM_FAILED[0]
     report(args.kind, n, time.monotonic() - t0, cpu_now() - cpu0, samples, **extra)
     sys.stdout.flush()
 
