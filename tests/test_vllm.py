@@ -122,7 +122,84 @@ def test_the_vllm_benchmark_runs_at_smoke_size_against_the_shared_server(vllm: V
 
 
 # -- batchrun against vLLM ------------------------------------------------------------------------
-# End-to-end runs of batchrun with protocol "openai-completions" go here: take the ``vllm``
-# fixture, point a job at ``vllm.api_base`` with model ``vllm.model`` ("tiny"), and compare each
-# row's output with ``completions(vllm, prompt, temperature=0, ...)`` of the same prompt alone
-# (greedy outputs of the tiny model are deterministic and distinct per prompt).
+# batchrun's own runs (the CLI, as cron runs it) against the same server: each row's output is
+# compared with ``completions(vllm, prompt, temperature=0, ...)`` of the same prompt alone (greedy
+# outputs of the tiny model are deterministic and distinct per prompt).
+
+
+def _job(folder: Path, vllm: VllmServer, rows: list[dict[str, str]], protocol: str, run: str, extra: str = "") -> Path:
+    import csv
+
+    with open(folder / "input.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "prompt"])
+        w.writeheader()
+        w.writerows(rows)
+    job = folder / "job.toml"
+    job.write_text(
+        "[input]\npath = \"input.csv\"\nprompt_column = \"prompt\"\nid_column = \"id\"\n" + extra
+        + f"\n[endpoint]\nprotocol = \"{protocol}\"\napi_base = \"{vllm.api_base}\"\nmodel = \"{vllm.model}\"\n"
+        + "timeout_s = 300\n\n[params]\ntemperature = 0\nmax_tokens = 8\n\n[run]\n" + run
+        + "\nmax_retries = 3\n\n[output]\npath = \"out/result.parquet\"\n",
+        encoding="utf-8",
+    )
+    return job
+
+
+def _cli(job: Path) -> Any:
+    import subprocess
+
+    return subprocess.run([str(Path(sys.executable).with_name("batchrun")), str(job)], cwd=job.parent,
+                          capture_output=True, text=True, timeout=500)
+
+
+def test_batchrun_packs_prompts_to_vllm_every_row_gets_its_prompts_own_output_and_a_too_long_one_fails_alone(
+    vllm: VllmServer, tmp_path: Path
+) -> None:
+    """33 rows through ``openai-completions`` at 8 prompts a request: each of the 32 ordinary rows
+    holds the greedy output of its prompt sent alone (pairwise distinct, so a choice on the wrong
+    row would show); the prompt past the model's context fails alone as ``rejected`` with vLLM's
+    reason, and the rows packed beside it succeed."""
+    import polars as pl
+
+    rows = [{"id": f"v{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)]
+    poison = " ".join(f"word{i}" for i in range(2 * MAX_MODEL_LEN))
+    rows.insert(13, {"id": "too-long", "prompt": poison})
+    job = _job(tmp_path, vllm, rows, "openai-completions", "batch_size = 8\nconcurrency = 2")
+    ran = _cli(job)
+    print(ran.stdout, ran.stderr[-2000:])
+    assert ran.returncode == 3, ran.stderr
+    with ThreadPoolExecutor(8) as pool:
+        alone = dict(zip(PROMPTS, pool.map(lambda p: completions(vllm, p, **GREEDY)[0], PROMPTS)))
+    df = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert df["id"].to_list() == [r["id"] for r in rows]
+    for got in df.iter_rows(named=True):
+        if got["id"] == "too-long":
+            assert got["output"] is None
+            assert got["error"].startswith("rejected: HTTP 400: "), got["error"]
+            assert "maximum context length" in got["error"], got["error"]
+        else:
+            assert got["error"] is None, got
+            assert got["output"] == [alone[got["prompt"]]], got
+            assert got["finish_reason"] in (["length"], ["stop"]), got
+    summary = json.loads((tmp_path / "out" / "result.parquet.summary.json").read_text())
+    assert (summary["succeeded"], summary["failed_by_class"]) == (32, {"rejected": 1})
+    assert summary["prompt_tokens"] > 0 and summary["completion_tokens"] > 0
+
+
+def test_batchrun_chat_against_vllm_gives_each_row_the_answer_to_its_own_conversation(
+    vllm: VllmServer, tmp_path: Path
+) -> None:
+    import polars as pl
+
+    rows = [{"id": f"c{i}", "prompt": p} for i, p in enumerate(PROMPTS[:6])]
+    job = _job(tmp_path, vllm, rows, "openai-chat", "concurrency = 3", extra='system = "You are terse."\n')
+    ran = _cli(job)
+    assert ran.returncode == 0, ran.stderr
+    df = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    for got in df.iter_rows(named=True):
+        status, doc = post(vllm, "/chat/completions", {"model": vllm.model, **GREEDY, "messages": [
+            {"role": "system", "content": "You are terse."}, {"role": "user", "content": got["prompt"]},
+        ]})
+        assert status == 200, doc
+        assert got["output"] == [doc["choices"][0]["message"]["content"]], got
+        assert got["prompt_tokens"] == doc["usage"]["prompt_tokens"] and got["completion_tokens"] > 0

@@ -298,12 +298,19 @@ class VllmContender:
     prompts: int
 
 
-def vllm_contenders(smoke: bool) -> tuple[list[VllmContender], int, int]:
+def vllm_contenders(smoke: bool, prompts: int = 512, rounds: int = 3) -> tuple[list[VllmContender], int, int]:
     """The contenders, the number of alternating rounds and max_tokens."""
-    n = 48 if smoke else 512
-    contenders = [VllmContender("vllm-packed", 8 if smoke else 16, 2 if smoke else 4, n),
-                  VllmContender("vllm-single", 1, 4 if smoke else 8, n)]
-    return contenders, 1 if smoke else 3, 4 if smoke else 16
+    n = 48 if smoke else prompts
+    if smoke:
+        contenders = [VllmContender("vllm-packed", 8, 2, n), VllmContender("vllm-single", 1, 4, n),
+                      VllmContender("batchrun-b8", 8, 2, n)]
+    else:
+        # batchrun (openai-completions) at B = 1, 16, 64 against the packed loop and one prompt a
+        # request, each at the concurrency that suited it on this server.
+        contenders = [VllmContender("vllm-packed", 16, 4, n), VllmContender("batchrun-b16", 16, 4, n),
+                      VllmContender("vllm-single", 1, 8, n), VllmContender("batchrun-b1", 1, 8, n),
+                      VllmContender("batchrun-b64", 64, 2, n)]
+    return contenders, 1 if smoke else rounds, 4 if smoke else 16
 
 
 def vllm_command(c: VllmContender, api_base: str, inp: Path, max_tokens: int) -> list[str]:
@@ -312,20 +319,33 @@ def vllm_command(c: VllmContender, api_base: str, inp: Path, max_tokens: int) ->
         return py_module("baselines", "openai", "--url", api_base, "--concurrency", str(c.concurrency),
                          "--batch", str(c.batch), "--input", str(inp), "--limit", str(c.prompts),
                          "--max-tokens", str(max_tokens), "--model", "tiny")
-    # The hook for batchrun itself (protocol "openai-completions", issue 14): add
-    # VllmContender("batchrun", B, C, n) in vllm_contenders, write its job here with harness.write_job
-    # (api_base, model "tiny", the protocol, params {"max_tokens": max_tokens, "temperature": 0},
-    # batch_size B, concurrency C, the input limited to n rows) and return
-    # py_module("baselines", "batchrun", "--job", str(job)); its report has the same fields.
+    if c.kind.startswith("batchrun-"):
+        # batchrun itself: protocol "openai-completions", the same greedy params, B and C; the
+        # input holds exactly the contenders' prompts, and each run restarts from nothing.
+        job = inp.parent / f"vllm-{c.kind}.toml"
+        job.write_text("\n".join([
+            "[input]", f'path = "{inp}"', 'prompt_column = "prompt"', 'id_column = "id"',
+            "", "[endpoint]", 'protocol = "openai-completions"', f'api_base = "{api_base}"', 'model = "tiny"',
+            "timeout_s = 600",
+            "", "[params]", f"max_tokens = {max_tokens}", "temperature = 0",
+            "", "[run]", f"batch_size = {c.batch}", f"concurrency = {c.concurrency}", "max_retries = 3",
+            "", "[output]", f'path = "{inp.parent / f"vllm-{c.kind}.parquet"}"', "",
+        ]), encoding="utf-8")
+        return py_module("baselines", "batchrun", "--job", str(job), "--digest")
     raise ValueError(f"unknown vLLM contender {c.kind!r}")
 
 
-def run_vllm(workdir: Path, smoke: bool, api_base: str | None = None) -> list[dict[str, Any]]:
+def run_vllm(
+    workdir: Path, smoke: bool, api_base: str | None = None, prompts: int = 512, rounds: int = 3,
+    only: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
     from contextlib import ExitStack
 
     from ..realvllm import MODEL_DIR_ENV, PYTHON_ENV, VllmServer, make_tiny_model, vllm_python
 
-    contenders, rounds, max_tokens = vllm_contenders(smoke)
+    contenders, rounds, max_tokens = vllm_contenders(smoke, prompts, rounds)
+    if only:
+        contenders = [c for c in contenders if c.kind in only]
     say(f"\n## vllm: a real vLLM server on CPU (tiny random-weight Llama), greedy /v1/completions, "
         f"max_tokens {max_tokens}; prompts/s at steady state, {rounds} alternating round(s)")
     python = vllm_python()
@@ -399,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="every section at a tiny size (CI)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "batchrun-bench")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    ap.add_argument("--vllm-prompts", type=int, default=512, help="vllm: prompts per contender run")
+    ap.add_argument("--vllm-rounds", type=int, default=3, help="vllm: alternating rounds")
+    ap.add_argument("--vllm-only", default="", help="vllm: a comma-separated subset of the contenders")
     ap.add_argument("--vllm-api-base", help="vllm: a running server's http://HOST:PORT/v1 instead of starting one")
     args = ap.parse_args(argv)
     unknown = set(args.sections) - set(SECTIONS + OPTIONAL_SECTIONS)
@@ -412,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Linux {info['kernel']}, load {info['load']}")
     results: dict[str, Any] = {"machine": info, "smoke": args.smoke}
     runners = {"throughput": run_throughput, "cost": run_cost, "memory": run_memory, "resume": run_resume,
-               "vllm": lambda workdir, smoke: run_vllm(workdir, smoke, args.vllm_api_base)}
+               "vllm": lambda workdir, smoke: run_vllm(
+        workdir, smoke, args.vllm_api_base, args.vllm_prompts, args.vllm_rounds,
+        tuple(k for k in args.vllm_only.split(",") if k))}
     for name in SECTIONS + OPTIONAL_SECTIONS:
         if name in sections:
             started = time.monotonic()

@@ -313,7 +313,7 @@ def install_split() -> None:
     runner.write_output = _timed("write output (finish)", runner.write_output)
 
 
-def batchrun_run(job: Path, split: bool) -> None:
+def batchrun_run(job: Path, split: bool, digest: bool = False) -> None:
     from batchrun.memory import use_lean_memory_pool
 
     use_lean_memory_pool()  # as the CLI does, before batchrun imports pyarrow
@@ -347,11 +347,20 @@ def batchrun_run(job: Path, split: bool) -> None:
     summary = run_job(job, on_progress=on_progress, restart=True)
     work_s = time.monotonic() - t0
     cpu = cpu_now() - cpu0
+    extra: dict[str, Any] = {}
+    if digest:
+        # The same digest as openai_loop's: every row's first output, in input order.
+        import hashlib
+
+        import pyarrow.parquet as pq
+
+        outputs = pq.read_table(summary.output_path, columns=["output"]).column("output").to_pylist()
+        extra["outputs_sha"] = hashlib.sha256(json.dumps([o[0] for o in outputs]).encode()).hexdigest()[:16]
     report(
         "batchrun", summary.rows_answered_this_run, work_s, cpu, samples,
         status=summary.status, requests=summary.requests, prompts_resent=summary.prompts_resent,
         finish_s=sum(finish),
-        split=dict(sorted(_SPLIT.items(), key=lambda kv: -kv[1])) if split else None,
+        split=dict(sorted(_SPLIT.items(), key=lambda kv: -kv[1])) if split else None, **extra,
     )
 
 
@@ -367,11 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=0)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--split", action="store_true")
+    ap.add_argument("--digest", action="store_true", help="batchrun: report a digest of the outputs (as openai)")
     ap.add_argument("--max-tokens", type=int, default=16, help="openai: max_tokens of each completion")
     ap.add_argument("--model", default="tiny", help="openai: the served model name")
     args = ap.parse_args(argv)
     if args.kind == "batchrun":
-        batchrun_run(args.job, args.split)
+        batchrun_run(args.job, args.split, args.digest)
         return
     t0 = time.monotonic()
     cpu0 = cpu_now()
