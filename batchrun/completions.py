@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import openai_common as oc
-from .protocol import Matched
+from .protocol import Matched, prompt_list
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,7 @@ def _read_text(choice: dict[str, Any]) -> tuple[str | None, tuple[str, str | Non
 def parse_request(body: bytes) -> tuple[str, list[str], dict[str, Any]]:
     """The server's side: model, prompts and the other params of a request, or ValueError why."""
     doc = oc.request_object(body)
-    prompts = doc.get("prompt")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, list) or not prompts:
-        shown = "empty list" if prompts == [] else "null" if prompts is None else type(prompts).__name__
-        raise ValueError(f"prompt must be a string or a non-empty list of strings (got {shown})")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            # Token-id prompts (lists of ints) are OpenAI too, but the toy model reads text only.
-            raise ValueError(f"prompt[{i}] must be a string (got {type(prompt).__name__})")
+    # Token-id prompts (lists of ints) are OpenAI too, but the toy model reads text only.
+    prompts = prompt_list(doc.get("prompt"), "prompt", "a string or a non-empty list of strings")
     params = {k: v for k, v in doc.items() if k not in ("model", "prompt")}
     return doc["model"], prompts, params

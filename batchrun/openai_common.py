@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .protocol import Answer, Matched, ResponseError, Usage
+from .protocol import Answer, Matched, ResponseError, Usage, problem_text
 
 # Keys a codec writes itself: a param of the same name would replace the prompts sent, or ask for
 # an answer in pieces (``stream``) that no codec reads.
@@ -185,14 +185,7 @@ def match_choices(
     unclaimed = [i for i, c in enumerate(claimed) if c == 0]
     if unclaimed:
         head.append(_indexes(unclaimed, "without a choice"))
-    lines = head + problems.lines()
-    missing = prompts - len(result.answers)
-    if missing and not lines:
-        lines.append(f"{missing} prompt(s) unanswered")
-    if missing or lines:
-        result.problem = "invalid response: " + "; ".join(lines[:3]) + (
-            f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
-        )
+    result.problem = problem_text(head + problems.lines(), prompts - len(result.answers))
     return result
 
 

@@ -114,16 +114,21 @@ def parse_request(body: bytes) -> tuple[str, list[str], dict[str, Any]]:
         raise ValueError(f"params must be an object (got {type(params).__name__})")
     # LiteLLM's `custom` provider always sends a one-item list (litellm/main.py, `_complete_custom`
     # in 1.106: "prompt": [" ".join(message contents)]); a bare string is accepted as one prompt.
-    prompts = params.get("prompt")
+    return model, prompt_list(params.get("prompt"), "params.prompt"), params
+
+
+def prompt_list(prompts: Any, name: str, shape: str = "a non-empty list of strings") -> list[str]:
+    """The server's side: a request's prompts, a non-empty list of strings (a bare string is one
+    prompt), or ValueError naming ``name`` and the ``shape`` it must have."""
     if isinstance(prompts, str):
-        prompts = [prompts]
+        return [prompts]
     if not isinstance(prompts, list) or not prompts:
         shown = "empty list" if prompts == [] else "null" if prompts is None else type(prompts).__name__
-        raise ValueError(f"params.prompt must be a non-empty list of strings (got {shown})")
+        raise ValueError(f"{name} must be {shape} (got {shown})")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise ValueError(f"params.prompt[{i}] must be a string (got {type(prompt).__name__})")
-    return model, prompts, params
+            raise ValueError(f"{name}[{i}] must be a string (got {type(prompt).__name__})")
+    return prompts
 
 
 def response_body(items: list[dict[str, Any]], message: str = "ok") -> dict[str, Any]:
@@ -213,14 +218,18 @@ def match_response(body: bytes, sent: Sequence[str], echo_match: EchoMatch = "ex
         head += _whitespace_hint(unmatched, sent)
     if len(data) != len(sent):
         head.append(f"{len(data)} items for {len(sent)} prompts")
-    lines = head + problems.lines()
-    if missing and not lines:
-        lines.append(f"{missing} prompt(s) unanswered")
-    if missing or lines:
-        result.problem = "invalid response: " + "; ".join(lines[:3]) + (
-            f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
-        )
+    result.problem = problem_text(head + problems.lines(), missing)
     return result
+
+
+def problem_text(lines: list[str], missing: int) -> str | None:
+    """``Matched.problem`` from what was found wrong (the first three said) and how many prompts
+    have no answer; None when there is nothing to say."""
+    if missing and not lines:
+        lines = [f"{missing} prompt(s) unanswered"]
+    if not missing and not lines:
+        return None
+    return "invalid response: " + "; ".join(lines[:3]) + (f" (+{len(lines) - 3} more)" if len(lines) > 3 else "")
 
 
 def _same(text: str) -> str:
@@ -280,11 +289,7 @@ def _match_by_position(data: list[Any], sent: Sequence[str], memo: list[Any]) ->
             problems.add(n, *why)
         elif answer is not None:
             result.answers[n] = answer
-    lines = problems.lines()
-    if lines:
-        result.problem = "invalid response: " + "; ".join(lines[:3]) + (
-            f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
-        )
+    result.problem = problem_text(problems.lines(), 0)
     return result
 
 
