@@ -49,6 +49,11 @@ class Admission(Protocol):
 
     def settle(self, result: AttemptResult) -> None: ...
 
+    def counts_toward_outage(self) -> bool:
+        """Whether the attempt settled last, if it failed, is evidence that the endpoint is down
+        (asked right after ``settle``)."""
+        ...
+
 
 class FixedAdmission:
     """Shared by every request of a run: ``concurrency`` attempts in flight at most, smooth rate
@@ -85,6 +90,9 @@ class FixedAdmission:
         if result.cause == "http_429":
             # The endpoint is saturated: everyone backs off, not only this request.
             self.pause(self._policy.delay(1, result.retry_after))
+
+    def counts_toward_outage(self) -> bool:
+        return True
 
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)

@@ -234,9 +234,10 @@ def validate(job: Path, overwrite: bool, debug: bool) -> None:
         f"input:        {len(spec.input_files)} {spec.input_format} file(s), {rows} rows, "
         f"{len(spec.columns)} columns",
         f"prompt:       {prompt}" + (f"; id column {spec.id_column!r}" if spec.id_column else ""),
-        f"endpoint:     {spec.api_base} model {spec.model_name!r}",
+        f"endpoint:     {spec.api_base} ({spec.protocol}) model {spec.model_name!r}",
         f"params:       {spec.params or '(endpoint defaults)'}",
-        f"requests:     up to {math.ceil(rows / b)} of {b} prompts, at most {c} in flight",
+        f"requests:     up to {math.ceil(rows / b)} of {b} prompts, "
+        + (f"in flight: adaptive, 1 to {spec.run.max_concurrency}" if c == "auto" else f"at most {c} in flight"),
         f"output:       {spec.output_path}",
         f"state:        {spec.state_dir} ("
         + ("input changed: the run plans it again by id, reusing unchanged rows" if found.replan
@@ -340,7 +341,10 @@ class _ProgressDisplay:
 
                 self.bar = tqdm(total=p.total, initial=p.done, unit="row", dynamic_ncols=True, smoothing=0.1)
             self.bar.update(p.done - self.bar.n)
-            self.bar.set_postfix(failed=p.failed, refresh=False)
+            if p.limit is not None:
+                self.bar.set_postfix(failed=p.failed, limit=p.limit, refresh=False)
+            else:
+                self.bar.set_postfix(failed=p.failed, refresh=False)
             return
         now = time.monotonic()
         if now - self.last_line >= self.interval:
@@ -349,9 +353,13 @@ class _ProgressDisplay:
             left = (p.total - p.done) / rate if rate > 0 else float("inf")
             eta = f"{left:.0f}s" if math.isfinite(left) else "?"
             fields = {"done": p.done, "total": p.total, "failed": p.failed, "rows_per_s": round(rate, 1)}
+            limit = ""
+            if p.limit is not None:
+                fields["concurrency_limit"] = p.limit
+                limit = f", {p.limit} in flight allowed"
             log.info(
-                "progress: %d/%d rows done, %d failed, %.1f rows/s, eta %s",
-                p.done, p.total, p.failed, rate, eta, extra={"fields": fields},
+                "progress: %d/%d rows done, %d failed, %.1f rows/s, eta %s%s",
+                p.done, p.total, p.failed, rate, eta, limit, extra={"fields": fields},
             )
 
     def close(self) -> None:

@@ -223,6 +223,8 @@ class EndpointClient:
         self.retry_log.failed(exc.cause, exc.reason)
         if exc.cause == "http_429":
             return  # overload, not death: admission pauses the run (see FixedAdmission.settle)
+        if not self._admission.counts_toward_outage():
+            return  # sent before admission reacted to the overload it reports: no news
         self.verdict.failure(exc.cause, exc.reason)
 
     async def _attempt(self, prompts: list[str]) -> Matched:

@@ -12,7 +12,7 @@ import difflib
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -68,7 +68,8 @@ class ParamsSection(_Section):
 
 class RunSection(_Section):
     batch_size: int = Field(16, ge=1, le=4096)
-    concurrency: int = Field(8, ge=1, le=1024)
+    concurrency: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 8
+    max_concurrency: int = Field(256, ge=1, le=4096)  # with concurrency = "auto": the most in flight
     max_retries: int = Field(5, ge=0, le=100)
     retry_backoff_s: float = Field(1.0, ge=0, le=3600)
     retry_backoff_max_s: float = Field(60.0, ge=0, le=86400)
@@ -235,7 +236,7 @@ def load_job(path: str | Path, *, scan_input: InputScanner | None = None) -> Job
         try:
             sections[name] = model.model_validate(raw[name])
         except ValidationError as exc:
-            for err in exc.errors():
+            for err in _one_per_union(exc.errors()):
                 problems.append(_describe(where, {**err, "loc": (name, *err["loc"])}))
     spec = _resolve(where, job_path.resolve(), sections, problems, scan_input)
     if problems:
@@ -291,6 +292,29 @@ def _describe(where: str, err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{where}: {name}: {rule}"
     return f"{where}: {name}: {rule} (got {err['input']!r})"
+
+
+def _one_per_union(errors: list[Any]) -> list[Any]:
+    """A value refused by every member of a union (``concurrency``: an integer or "auto") is one
+    problem, not one per member: the integer's rule for a number, the words for anything else."""
+    out: list[Any] = []
+    seen: set[tuple[Any, ...]] = set()
+    for err in errors:
+        loc = tuple(err["loc"])
+        if len(loc) < 2 or not isinstance(loc[-1], str) or not (loc[-1].startswith("literal[") or loc[-1] == "constrained-int"):
+            out.append(err)
+            continue
+        key = loc[:-1]
+        if key in seen:
+            continue
+        seen.add(key)
+        value = err["input"]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = next(e for e in errors if tuple(e["loc"]) == (*key, "constrained-int"))
+            out.append({**number, "loc": key})
+        else:
+            out.append({**err, "loc": key, "type": "int_or_auto", "msg": 'Must be an integer or "auto"'})
+    return out
 
 
 def _known_keys(section: list[str]) -> list[str]:

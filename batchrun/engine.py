@@ -16,9 +16,9 @@ from typing import Any, cast
 import pyarrow as pa
 
 from . import source
-from .admission import FixedAdmission
+from .admission import Admission, FixedAdmission
 from .client import Accounting, EndpointClient, RowOutcome, make_session
-from .config import JobSpec
+from .config import JobSpec, RunSection
 from .errors import BatchrunError, InterruptedRun
 from .localfs import crashpoint
 from .opensegment import Segment
@@ -43,6 +43,7 @@ class Progress:
     sent: int
     elapsed_s: float
     skipped: int = 0  # rows not sent because their prompt is empty (counted in done)
+    limit: int | None = None  # with concurrency = "auto": the requests in flight allowed now
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Engine:
         self.todo = set(todo)
         self.access = access
         self.on_progress = on_progress
+        self.admission: Admission | None = None
         self.endpoint = endpoint  # yields the URL to send to for the length of the run
         self.started = started
         self.seg_rows = plan.segment_rows
@@ -78,7 +80,7 @@ class Engine:
         self.open: dict[int, Segment] = {}
         # Enough open segments to keep every worker busy twice over, so one slow batch does not
         # stall the pipeline; bounded, so memory is too.
-        window = 2 * spec.run.concurrency * spec.run.batch_size
+        window = 2 * (spec.run.max_concurrency if spec.run.concurrency == "auto" else spec.run.concurrency) * spec.run.batch_size
         self.max_open = max(2, math.ceil(window / self.seg_rows) + 2)
         self.slots = asyncio.Condition()
         self.write_lock = asyncio.Lock()
@@ -118,9 +120,8 @@ class Engine:
             retry_after_cap_s=run.retry_after_max_s,
             outage_after=run.outage_after_failures,
         )
-        admission = FixedAdmission(
-            run.concurrency, run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy
-        )
+        admission = make_admission(run, policy)
+        self.admission = admission
         async with self.endpoint as url, make_session(admission.max_in_flight, self.spec.timeout_s, self.access.ssl_context) as session:
             client = EndpointClient(
                 session,
@@ -333,6 +334,7 @@ class Engine:
     def _report(self) -> None:
         if self.on_progress is not None:
             self.progress.elapsed_s = time.monotonic() - self.started
+            self.progress.limit = getattr(self.admission, "current_limit", None)
             self.on_progress(self.progress)
 
 
@@ -341,3 +343,14 @@ def _next_wanted(segments: Any, wanted: set[int]) -> tuple[int, pa.Table] | None
         if k in wanted:
             return k, table
     return None
+
+
+def make_admission(run: RunSection, policy: RetryPolicy) -> Admission:
+    """The run's admission: a fixed number in flight, or (``concurrency = "auto"``) an adaptive one."""
+    if run.concurrency == "auto":
+        from .adaptive import AdaptiveAdmission
+
+        return AdaptiveAdmission(
+            run.max_concurrency, run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy
+        )
+    return FixedAdmission(run.concurrency, run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy)

@@ -75,6 +75,10 @@ class RunSummary:
     # Tokens the endpoint reported spending this run (OpenAI protocols' usage; 0 for custom).
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # With concurrency = "auto": requests in flight allowed at the end of the run, and how often
+    # the controller lowered it (overload answers or a latency rise).
+    concurrency_limit: int | None = None
+    concurrency_cuts: int = 0
     incremental: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
     write_output_s: float = 0.0
@@ -113,6 +117,8 @@ class RunSummary:
         retries = sum(self.retries_by_cause.values())
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_cause.items()))
         throttled = f", {self.throttle_wait_s:.1f}s throttled" if self.throttle_wait_s >= 0.05 else ""
+        if self.concurrency_limit is not None:
+            throttled += f", concurrency auto: {self.concurrency_limit} in flight at the end ({self.concurrency_cuts} cuts)"
         if self.prompt_tokens or self.completion_tokens:
             throttled += f", {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens"
         # A run that stopped early wrote no output: say where it stands instead.

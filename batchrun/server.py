@@ -8,6 +8,7 @@ batchrun speaks has a real server to run against.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -51,6 +52,12 @@ class ServerOptions:
     # with vLLM's 400 for a prompt past the model's context, failing its whole request.
     max_prompt_tokens: int | None = None
     served_model: str = "batchrun-toy"  # what GET /v1/models lists; requests may name any model
+    # A capacity model (issue 15): ``capacity_prompts`` prompts are served in parallel in
+    # ``latency_s``; above that a request's latency grows with the prompts in flight (processor
+    # sharing: the ceiling is capacity_prompts / latency_s prompts/s), and a request that would
+    # take the prompts in flight past capacity + ``queue_prompts`` is shed with 503, as gateways do.
+    capacity_prompts: int | None = None
+    queue_prompts: int = 0
 
 
 @dataclass
@@ -58,6 +65,8 @@ class ServerStats:
     """What the endpoint has seen; mutated in place so tests holding it see live numbers."""
 
     requests: int = 0  # well-formed requests received (rejected ones count in `rejected`)
+    shed: int = 0  # requests answered 503 by the capacity model (not counted in `requests`)
+    prompts_in_flight: int = 0
     prompts: int = 0
     rejected: int = 0
     in_flight: int = 0
@@ -68,7 +77,7 @@ class ServerStats:
 
     def reset(self) -> None:
         """Forget everything, keeping the same object (the app holds a reference to it)."""
-        self.requests = self.prompts = self.rejected = 0
+        self.requests = self.prompts = self.rejected = self.shed = 0
         self.in_flight = self.max_in_flight = self.max_batch = 0
         self.batch_sizes.clear()
         self.prompts_seen.clear()
@@ -79,6 +88,7 @@ class ServerStats:
             "requests": self.requests,
             "prompts": self.prompts,
             "rejected": self.rejected,
+            "shed": self.shed,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "max_batch": self.max_batch,
@@ -116,6 +126,14 @@ async def _infer(request: web.Request) -> web.Response:
 async def _working(app: web.Application, prompts: list[str]) -> AsyncIterator[None]:
     """Count a well-formed request, then wait as the options say before it is answered."""
     stats, options = app[STATS], app[OPTIONS]
+    cap = options.capacity_prompts
+    if cap is not None and stats.prompts_in_flight + len(prompts) > cap + options.queue_prompts:
+        stats.shed += 1
+        raise web.HTTPServiceUnavailable(
+            text=json.dumps({"message": "overloaded: the queue is full", "error": {
+                "message": "overloaded: the queue is full", "type": "ServiceUnavailableError", "code": 503}}),
+            content_type="application/json",
+        )
     # Counted on receipt, before any delay: a request cancelled mid-sleep was still sent.
     stats.requests += 1
     stats.prompts += len(prompts)
@@ -125,8 +143,11 @@ async def _working(app: web.Application, prompts: list[str]) -> AsyncIterator[No
         stats.prompts_seen.update(prompts)
     stats.in_flight += 1
     stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+    stats.prompts_in_flight += len(prompts)
     try:
         delay = options.latency_s + options.per_prompt_s * len(prompts)
+        if cap is not None and stats.prompts_in_flight > cap:
+            delay *= stats.prompts_in_flight / cap  # the slots are shared by more prompts than they hold
         if delay > 0:
             await asyncio.sleep(delay)
         if options.hold is not None:
@@ -134,6 +155,7 @@ async def _working(app: web.Application, prompts: list[str]) -> AsyncIterator[No
         yield
     finally:
         stats.in_flight -= 1
+        stats.prompts_in_flight -= len(prompts)
 
 
 # --- the OpenAI routes ------------------------------------------------------------------------
