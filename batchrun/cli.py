@@ -234,7 +234,8 @@ def validate(job: Path, overwrite: bool, debug: bool) -> None:
         f"input:        {len(spec.input_files)} {spec.input_format} file(s), {rows} rows, "
         f"{len(spec.columns)} columns",
         f"prompt:       {prompt}" + (f"; id column {spec.id_column!r}" if spec.id_column else ""),
-        f"endpoint:     {spec.api_base} ({spec.protocol}) model {spec.model_name!r}",
+        f"endpoint:     {spec.api_base}" + (f" ({spec.protocol})" if spec.protocol != "custom" else "")
+        + f" model {spec.model_name!r}",
         f"params:       {spec.params or '(endpoint defaults)'}",
         f"requests:     up to {math.ceil(rows / b)} of {b} prompts, "
         + (f"in flight: adaptive, 1 to {spec.run.max_concurrency}" if c == "auto" else f"at most {c} in flight"),

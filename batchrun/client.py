@@ -98,6 +98,7 @@ class EndpointClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         # Values never shown in a message: the key and every header read from the environment.
         self._secrets = tuple(s for s in (api_key, *secrets) if s)
+        self._in_flight = 0  # attempts sent and not yet settled, across every caller
         self._admission: Admission = admission or FixedAdmission(1_000_000, None, None, 1, policy)
         self._max_bytes = max_response_bytes
         self._stop = stop
@@ -149,6 +150,7 @@ class EndpointClient:
                     self.accounting.prompts_resent += 1
                 attempts[i] += 1
             started = time.monotonic()
+            self._in_flight += 1
             try:
                 matched = await self._attempt([prompts[i] for i in pending])
             except _Transient as exc:
@@ -194,6 +196,10 @@ class EndpointClient:
                 self._failed_attempt(failure)
         if self._stop is not None and self._stop.is_set():
             raise Stopping  # cut short: whether these rows or the endpoint are at fault is unknown
+        while not self.verdict.answered and not failure.connect and self._in_flight > 0:
+            # "Never answered this job" is judged once no attempt still in flight can answer it:
+            # a batch unlucky enough to fail first is not an outage if its neighbours succeed.
+            await sleep_unless_stopped(0.01, self._stop)
         self.verdict.give_up(failure.cause, failure.reason, failure.connect)
         for i in pending:
             outcomes[i] = RowOutcome(
@@ -216,6 +222,7 @@ class EndpointClient:
     def _settle(self, prompts: int, started: float, cause: str | None = None, retry_after: float | None = None) -> float:
         """Tell admission how an attempt went (before anything else is sent); return its latency."""
         latency = time.monotonic() - started
+        self._in_flight -= 1
         self._admission.settle(AttemptResult(prompts, latency, cause, retry_after))
         return latency
 

@@ -956,3 +956,22 @@ def test_a_stop_ends_a_wait_for_a_rate_limit_turn_at_once() -> None:
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 1
+
+
+def test_a_batch_that_fails_before_any_answer_is_not_an_outage_when_its_neighbours_then_answer(
+    tmp_path: Path, make_job: MakeJob
+) -> None:
+    """First run, three requests in flight: the batch holding row 0 is refused with 500 at once,
+    twice, while the others are still being answered. "Never answered this job" is judged only
+    once nothing in flight can answer it: the others succeed, so its rows fail (exit 3) and the
+    run is no outage (found by the crash model as a rare exit 4)."""
+    rows = prompt_rows(12)
+    first = rows[0]["prompt"]
+    with LiveEndpoint(ServerOptions(latency_s=0.3), rule=lambda n, p: "500" if first in p else None) as ep:
+        job = make_job(rows, url=ep.url, run={"batch_size": 4, "concurrency": 3, "max_retries": 1})
+        result = cli(job.path)
+    assert result.returncode == 3, result.stderr
+    assert "outage" not in result.stderr and "has not answered" not in result.stderr
+    df = pl.read_parquet(job.output())
+    assert df["error"].to_list()[:4] == [df["error"][0]] * 4 and df["error"][0].startswith("http_500")
+    assert df["error"][4:].null_count() == 8

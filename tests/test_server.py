@@ -272,7 +272,7 @@ def test_stats_count_requests_prompts_and_batch_sizes() -> None:
         assert stats.prompts_seen == {"a": 3, "b": 1, "c": 1, "d": 1, "e": 1, "f": 1}
         async with session.get(url.removesuffix("/inference") + "/stats") as resp:
             assert await resp.json() == {
-                "requests": 4, "prompts": 8, "rejected": 1, "in_flight": 0, "max_in_flight": 1,
+                "requests": 4, "prompts": 8, "rejected": 1, "shed": 0, "in_flight": 0, "max_in_flight": 1,
                 "max_batch": 3, "batch_sizes": {"1": 2, "3": 2},
                 "distinct_prompts": 6, "prompts_seen_more_than_once": 1,
             }
