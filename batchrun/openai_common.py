@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .protocol import Answer, Matched, ResponseError, Usage, problem_text
+from .protocol import Answer, Matched, ResponseError, Usage, json_object, problem_text
 
 # Keys a codec writes itself: a param of the same name would replace the prompts sent, or ask for
 # an answer in pieces (``stream``) that no codec reads.
@@ -223,12 +223,7 @@ def _shown(value: Any) -> str:
 
 def request_object(body: bytes) -> dict[str, Any]:
     """The server's side: a request body as a JSON object with a string ``model``, or ValueError."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ValueError(f"body is not JSON ({exc.__class__.__name__})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"body must be a JSON object (got {type(doc).__name__})")
+    doc = json_object(body)
     if not isinstance(doc.get("model"), str):
         raise ValueError(f"model must be a string (got {type(doc.get('model')).__name__})")
     if doc.get("stream"):

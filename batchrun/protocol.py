@@ -100,12 +100,7 @@ class CustomCodec:
 
 def parse_request(body: bytes) -> tuple[str, list[str], dict[str, Any]]:
     """The server's side: model, prompts and params of a request body, or ValueError saying why."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ValueError(f"body is not JSON ({exc.__class__.__name__})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"body must be a JSON object (got {type(doc).__name__})")
+    doc = json_object(body)
     # Unknown top-level keys are ignored: LiteLLM >= 1.74 merges `extra_body` in beside these.
     model, params = doc.get("model"), doc.get("params")
     if not isinstance(model, str):
@@ -115,6 +110,17 @@ def parse_request(body: bytes) -> tuple[str, list[str], dict[str, Any]]:
     # LiteLLM's `custom` provider always sends a one-item list (litellm/main.py, `_complete_custom`
     # in 1.106: "prompt": [" ".join(message contents)]); a bare string is accepted as one prompt.
     return model, prompt_list(params.get("prompt"), "params.prompt"), params
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The server's side: a request body as a JSON object, or ValueError saying why not."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"body is not JSON ({exc.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"body must be a JSON object (got {type(doc).__name__})")
+    return doc
 
 
 def prompt_list(prompts: Any, name: str, shape: str = "a non-empty list of strings") -> list[str]:
