@@ -72,7 +72,7 @@ class AdaptiveAdmission:
         self._window: list[float] = []
         self._window_size = window
         self._last_cut = float("-inf")
-        self.cuts = 0  # how many times the limit was lowered (for the summary)
+        self._cuts = 0
         self._counts = True
 
     @property
@@ -82,6 +82,10 @@ class AdaptiveAdmission:
     @property
     def current_limit(self) -> int:
         return max(1, int(self.limit))
+
+    @property
+    def cuts(self) -> int:
+        return self._cuts
 
     async def admit(self, prompts: int, stop: asyncio.Event | None = None) -> float:
         started = self._clock()
@@ -111,9 +115,10 @@ class AdaptiveAdmission:
         # An overload answer to a request sent before the limit was last cut is the tail of a
         # burst already in flight, not news: the run stops as an outage only when requests sent
         # after the cut keep failing (nothing else coming back in between).
-        sent_at = self._clock() - result.latency_s
-        self._counts = not (result.cause in OVERLOAD and sent_at < self._last_cut)
-        self._observe(result)
+        now = self._clock()
+        fresh = now - result.latency_s >= self._last_cut  # sent after the last cut
+        self._counts = fresh or result.cause not in OVERLOAD
+        self._observe(result, now, fresh)
         self._release()
 
     def counts_toward_outage(self) -> bool:
@@ -131,13 +136,12 @@ class AdaptiveAdmission:
             self.in_flight += 1
             turn.set_result(None)
 
-    def _observe(self, result: AttemptResult) -> None:
-        now = self._clock()
+    def _observe(self, result: AttemptResult, now: float, fresh: bool) -> None:
         if result.cause in OVERLOAD:
             # Once per burst: answers to requests sent before the last cut say nothing new; one
             # sent after it that is still refused says the cut was not enough.
-            if now - result.latency_s >= self._last_cut:
-                self._cut(now, 0.0, 0.5 if self.slow_start else 0.75)
+            if fresh:
+                self._cut(now, 0.5 if self.slow_start else 0.75)
             return
         if result.cause is not None or result.prompts != self._batch:
             return  # says nothing of the server's load, or not comparably
@@ -160,15 +164,15 @@ class AdaptiveAdmission:
             self.limit = min(float(self._max), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
             self._wake()
         elif self._rtt_avg > floor * (1 + 2 * self._tolerance):
-            self._cut(now, self._rtt_avg, 0.9)
+            self.slow_start = False
+            if now - self._last_cut >= self._rtt_avg:  # at most once a round trip
+                self._cut(now, 0.9)
 
-    def _cut(self, now: float, rtt: float, factor: float) -> None:
+    def _cut(self, now: float, factor: float) -> None:
         self.slow_start = False
-        if now - self._last_cut < rtt:
-            return  # answers to requests sent before the last cut
         self._last_cut = now
         self.limit = max(1.0, self.limit * factor)
-        self.cuts += 1
+        self._cuts += 1
 
 
 __all__ = ["OVERLOAD", "AdaptiveAdmission", "Stopping"]

@@ -45,6 +45,16 @@ class Admission(Protocol):
     @property
     def max_in_flight(self) -> int: ...
 
+    @property
+    def current_limit(self) -> int | None:
+        """The attempts in flight allowed now, when it moves (None: always ``max_in_flight``)."""
+        ...
+
+    @property
+    def cuts(self) -> int:
+        """How many times the limit was lowered."""
+        ...
+
     async def admit(self, prompts: int, stop: asyncio.Event | None = None) -> float: ...
 
     def settle(self, result: AttemptResult) -> None: ...
@@ -84,6 +94,14 @@ class FixedAdmission:
     @property
     def max_in_flight(self) -> int:
         return self._concurrency
+
+    @property
+    def current_limit(self) -> int | None:
+        return None
+
+    @property
+    def cuts(self) -> int:
+        return 0
 
     def settle(self, result: AttemptResult) -> None:
         self._slots.release()

@@ -72,7 +72,15 @@ class Engine:
         self.todo = set(todo)
         self.access = access
         self.on_progress = on_progress
-        self.admission: Admission | None = None
+        run = spec.run
+        self.policy = RetryPolicy(
+            max_retries=run.max_retries,
+            base_s=run.retry_backoff_s,
+            cap_s=run.retry_backoff_max_s,
+            retry_after_cap_s=run.retry_after_max_s,
+            outage_after=run.outage_after_failures,
+        )
+        self.admission = make_admission(run, self.policy)
         self.endpoint = endpoint  # yields the URL to send to for the length of the run
         self.started = started
         self.seg_rows = plan.segment_rows
@@ -80,7 +88,7 @@ class Engine:
         self.open: dict[int, Segment] = {}
         # Enough open segments to keep every worker busy twice over, so one slow batch does not
         # stall the pipeline; bounded, so memory is too.
-        window = 2 * (spec.run.max_concurrency if spec.run.concurrency == "auto" else spec.run.concurrency) * spec.run.batch_size
+        window = 2 * self.admission.max_in_flight * spec.run.batch_size
         self.max_open = max(2, math.ceil(window / self.seg_rows) + 2)
         self.slots = asyncio.Condition()
         self.write_lock = asyncio.Lock()
@@ -112,22 +120,13 @@ class Engine:
         self.stop.set()
 
     async def _run(self) -> None:
-        run = self.spec.run
-        policy = RetryPolicy(
-            max_retries=run.max_retries,
-            base_s=run.retry_backoff_s,
-            cap_s=run.retry_backoff_max_s,
-            retry_after_cap_s=run.retry_after_max_s,
-            outage_after=run.outage_after_failures,
-        )
-        admission = make_admission(run, policy)
-        self.admission = admission
+        admission = self.admission
         async with self.endpoint as url, make_session(admission.max_in_flight, self.spec.timeout_s, self.access.ssl_context) as session:
             client = EndpointClient(
                 session,
                 request_url(self.spec, url),
                 codec_for(self.spec),
-                policy,
+                self.policy,
                 api_key=self.access.api_key,
                 headers=self.access.headers,
                 secrets=self.access.secrets,
@@ -334,7 +333,7 @@ class Engine:
     def _report(self) -> None:
         if self.on_progress is not None:
             self.progress.elapsed_s = time.monotonic() - self.started
-            self.progress.limit = getattr(self.admission, "current_limit", None)
+            self.progress.limit = self.admission.current_limit
             self.on_progress(self.progress)
 
 

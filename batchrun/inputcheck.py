@@ -16,13 +16,14 @@ from . import csvinput, source
 from .errors import JobError
 from .prompts import render_prompts
 from .storage import InputStore, input_store
+from .wire import COLUMNS, result_columns
 
 if TYPE_CHECKING:
     from .config import InputFiles, InputSection, JobSpec
 
-# Columns batchrun adds to every output row of a custom job (OpenAI protocols add more, see
-# wire.COLUMNS); an input column with one of these names is refused.
-RESULT_COLUMNS = ("output", "params", "error", "attempts", "latency_s")
+# Columns batchrun adds to every output row of a custom job (OpenAI protocols add more); an
+# input column with one of these names is refused.
+RESULT_COLUMNS = COLUMNS["custom"]
 
 
 def open_job(path: str | Path) -> JobSpec:
@@ -39,8 +40,6 @@ def with_input(spec: JobSpec) -> JobSpec:
     if spec.input is not None:
         return spec
     from .config import InputSection
-    from .wire import result_columns
-
     section = InputSection(
         path=spec.input_pattern, prompt_column=spec.prompt_column, template=spec.template,
         messages_column=spec.messages_column, id_column=spec.id_column, format=spec.input_format_option,

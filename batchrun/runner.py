@@ -337,10 +337,9 @@ def _account(summary: RunSummary, engine: Engine) -> None:
     for cause, n in acc.retries.items():
         summary.retries_by_cause[cause] = summary.retries_by_cause.get(cause, 0) + n
     summary.throttle_wait_s += acc.throttle_wait_s
-    limit = getattr(engine.admission, "current_limit", None)
-    if limit is not None:
-        summary.concurrency_limit = limit
-        summary.concurrency_cuts += int(getattr(engine.admission, "cuts", 0))
+    if engine.admission.current_limit is not None:
+        summary.concurrency_limit = engine.admission.current_limit
+        summary.concurrency_cuts += engine.admission.cuts
     summary.prompt_tokens += acc.prompt_tokens
     summary.completion_tokens += acc.completion_tokens
     summary.rows_answered_this_run += engine.answered
