@@ -34,7 +34,8 @@ from .harness import machine, py_module, run_child
 BATCH = 16
 MAX_TOKENS = 16
 MAX_CONCURRENCY = 64
-FIXED = (1, 2, 4, 8, 16, 32)
+# 64 is auto's max_concurrency: where auto would sit if nothing ever cut it (vLLM queues, never sheds).
+FIXED = (1, 2, 4, 8, 16, 32, 64)
 
 
 def write_job(folder: Path, name: str, api_base: str, inp: Path, concurrency: int | str) -> Path:
@@ -116,8 +117,9 @@ def run(workdir: Path, api_base: str | None, prompts: int, rounds: int,
 
 def table(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     say("\n| concurrency | prompts/s whole run (median) | each round | steady prompts/s (median) | each round "
-        "| retries | failed rows | limit at the end (cuts) | CPU s/1k prompts | outputs digest |")
-    say("|---|---:|---|---:|---|---|---:|---|---:|---|")
+        "| request latency s (C·B/steady) | retries | failed rows | limit at the end (cuts) | CPU s/1k prompts "
+        "| outputs digest |")
+    say("|---|---:|---|---:|---|---:|---|---:|---|---:|---|")
     medians: dict[str, tuple[float, float]] = {}
     for c, rs in runs.items():
         whole = statistics.median(r["rate"] for r in rs)
@@ -131,7 +133,9 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         cpu = 1000 * sum(r["cpu_s"] for r in rs) / max(1, sum(r["prompts"] for r in rs))
         each = " / ".join(f"{r['rate']:.0f}" for r in rs)
         each_steady = " / ".join(f"{r['steady_rate']:.0f}" for r in rs)
-        say(f"| {c} | {whole:.0f} | {each} | {steady:.0f} | {each_steady} | "
+        # Little's law: with C requests always in flight, each takes C·B / rate on average.
+        latency = f"{int(c) * BATCH / steady:.2f}" if c != "auto" and steady else ""
+        say(f"| {c} | {whole:.0f} | {each} | {steady:.0f} | {each_steady} | {latency} | "
             f"{', '.join(f'{k} {v}' for k, v in sorted(retries.items())) or 'none'} | "
             f"{sum(r.get('failed', 0) for r in rs)} | {limits} | {cpu:.2f} | "
             f"{', '.join(sorted({r.get('outputs_sha', '') for r in rs}))} |")
