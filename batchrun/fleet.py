@@ -363,6 +363,10 @@ class Fleet:
             reacted = reacted or ticket.fresh
         if reacted:
             r.last_reaction = now
+        if ticket.probe and r.state == PROBING and (result.cause == "aborted" or _refused_alone(result.cause)):
+            # The probe's batch was refused for its own sake (or the run is ending): it says
+            # nothing of the replica's health, and nothing will judge it; another request probes.
+            r.state, r.probe_at = OUT, now
         self._wake()
 
     def answered(self, ticket: Ticket) -> None:
@@ -435,6 +439,11 @@ class Fleet:
 
     def _why_out(self) -> str:
         return "; ".join(f"{r.base}: {r.last_failure or 'out'}" for r in self.replicas)
+
+
+def _refused_alone(cause: str | None) -> bool:
+    """A 4xx that is not retried (``client.RETRY_STATUSES``): the batch is split, the replica not judged."""
+    return cause is not None and cause.startswith("http_4") and cause not in ("http_408", "http_409", "http_425", "http_429")
 
 
 def fleet_for(

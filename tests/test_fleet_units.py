@@ -218,3 +218,26 @@ def test_latency_quantiles_are_within_five_percent() -> None:
         got = lat.quantile(q)
         assert got is not None and abs(got / ordered[int(q * len(ordered)) - 1] - 1) < 0.05
     assert Latencies().quantile(0.5) is None
+
+
+@pytest.mark.parametrize("cause", ["http_400", "aborted"])
+def test_a_probe_whose_batch_is_refused_alone_or_aborted_leaves_the_replica_to_be_probed_again(cause: str) -> None:
+    """A 400 splits the batch and judges no replica; the probe must not leave it stuck half-way."""
+
+    async def main() -> None:
+        clock = Clock()
+        fleet = fleet_of(2, 2, clock=clock)
+        a, b = fleet.replicas
+        fail(await fleet.admit(16, avoid=b), fleet, "connection", connect=True)
+        assert a.state == OUT
+        clock.now += PROBE_FIRST_S * 1.3
+        probe = await fleet.admit(16)
+        assert probe.replica is a and probe.probe
+        fleet.settle(probe, AttemptResult(16, 0.1, cause))
+        assert a.state == OUT and a.probe_at <= clock.now
+        again = await fleet.admit(16)
+        assert again.replica is a and again.probe
+        ok(again, fleet)
+        assert a.state == IN
+
+    asyncio.run(main())
