@@ -260,13 +260,23 @@ def validate(job: Path, overwrite: bool, debug: bool) -> None:
               help="Extra delay per prompt in a request.")
 @click.option("--tally-prompts", is_flag=True,
               help="Count every distinct prompt seen (GET /stats); memory grows with them.")
-def serve(host: str, port: int, latency_ms: float, per_prompt_ms: float, tally_prompts: bool) -> None:
+@click.option("--capacity-prompts", type=click.IntRange(min=1), default=None,
+              help="Serve this many prompts in parallel in --latency-ms; above it latency grows with the load.")
+@click.option("--queue-prompts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --capacity-prompts: shed a request with 503 past capacity + this many prompts in flight.")
+def serve(
+    host: str, port: int, latency_ms: float, per_prompt_ms: float, tally_prompts: bool,
+    capacity_prompts: int | None, queue_prompts: int,
+) -> None:
     """Run the reference endpoint (a deterministic toy model in the custom-endpoint format)."""
     from .server import ServerOptions, serve_forever
 
     serve_forever(
         host, port,
-        ServerOptions(latency_s=latency_ms / 1000, per_prompt_s=per_prompt_ms / 1000, tally_prompts=tally_prompts),
+        ServerOptions(
+            latency_s=latency_ms / 1000, per_prompt_s=per_prompt_ms / 1000, tally_prompts=tally_prompts,
+            capacity_prompts=capacity_prompts, queue_prompts=queue_prompts,
+        ),
     )
 
 
