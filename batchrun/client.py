@@ -222,7 +222,7 @@ class EndpointClient:
             # "Never answered this job" is judged once no attempt still in flight can answer it:
             # a batch unlucky enough to fail first is not an outage if its neighbours succeed.
             await sleep_unless_stopped(0.01, self._stop)
-        self.verdict.give_up(failure.cause, failure.reason, failure.connect)
+        self._fleet.give_up(ticket, failure.cause, failure.reason, failure.connect)
         for i in pending:
             outcomes[i] = RowOutcome(
                 None, f"{failure.cause}: {failure.reason} (gave up after {attempts[i]} attempts)", attempts[i], None,

@@ -293,12 +293,12 @@ class Fleet:
         for r in self.replicas:
             if r.state == OUT and r.in_flight == 0 and now >= r.probe_at:
                 return r  # a probe is due: one request goes to it
+        if avoid is not None and not any(r is not avoid and r.state == IN for r in self.replicas):
+            avoid = None  # nowhere else to go
         ready = [
             r for r in self.replicas
-            if r.state == IN and r.in_flight < r.limit.current and now >= r.paused_until
+            if r.state == IN and r.in_flight < r.limit.current and now >= r.paused_until and r is not avoid
         ]
-        if avoid is not None and any(r is not avoid for r in ready):
-            ready = [r for r in ready if r is not avoid]  # a retry goes elsewhere when it can
         if not ready:
             return None
         best = max(r.room() for r in ready)
@@ -307,17 +307,22 @@ class Fleet:
     def _wake(self) -> None:
         """Hand free places to waiting attempts, in order; set a timer for the next pause's end
         or probe when some still wait."""
-        while self._waiters:
-            head = self._waiters[0]
-            if head.turn.done():
-                self._waiters.popleft()  # its admit was stopped meanwhile
+        while self._waiters and self._waiters[0].turn.done():
+            self._waiters.popleft()  # its admit was stopped meanwhile
+        served = False
+        for waiter in self._waiters:
+            if waiter.turn.done():
                 continue
-            r = self._pick(head.avoid)
+            r = self._pick(waiter.avoid)
             if r is None:
-                break
-            self._waiters.popleft()
+                if self._pick(None) is None:
+                    break  # no room anywhere: nobody behind can be served either
+                continue  # the only room is where this retry must not go: serve those behind
             self._take(r)
-            head.turn.set_result(r)
+            waiter.turn.set_result(r)
+            served = True
+        if served:
+            self._waiters = collections.deque(w for w in self._waiters if not w.turn.done())
         if self._waiters:
             self._arm_timer()
 
@@ -393,11 +398,14 @@ class Fleet:
         r = ticket.replica
         if cause in OVERLOAD and not ticket.fresh:
             return False  # the tail of a burst the replica already reacted to: no news
+        others = any(o is not r and o.state == IN for o in self.replicas)
+        # Never reached a server while another replica can take the rows: not the rows' attempt
+        # (a request already on its way when the replica went, or a probe, included).
+        free = connect and others
         if r.state == OUT:
-            return False  # sent before it was taken out: no news either
+            return free  # sent before it was taken out: no news
         r.timeouts = r.timeouts + 1 if cause == "timeout" else 0
         r.last_failure = f"{cause}: {reason}"
-        others = any(o is not r and o.state == IN for o in self.replicas)
         try:
             r.verdict.failure(cause, reason)
         except OutageError as exc:
@@ -407,10 +415,10 @@ class Fleet:
                     raise
                 raise OutageError(f"every replica is out of rotation ({self._why_out()}); last: {exc}") from None
             self._take_out(r, f"{r.verdict.in_a_row} failed attempts in a row (last: {r.last_failure})")
-            return False
+            return free
         if r.state == PROBING and ticket.probe:
             self._take_out(r, f"its probe failed ({r.last_failure})")
-            return False
+            return free
         if r.state != IN or not others:
             return False
         if connect:
@@ -421,6 +429,25 @@ class Fleet:
         elif cause == INVALID and r.verdict.invalid_in_a_row >= TAKE_OUT_AFTER:
             self._take_out(r, f"{r.verdict.invalid_in_a_row} answers in a row failed validation (last: {reason})")
         return False
+
+    def give_up(self, ticket: Ticket, cause: str, reason: str, connect: bool) -> None:
+        """A batch ran out of attempts, its last on ``ticket``'s replica; raise ``OutageError``
+        unless its rows may be at fault (``retry.OutageVerdict.give_up``). With several replicas, a
+        last attempt that could not connect takes its replica out, and is an outage only when no
+        replica is left in rotation (the rows then end failed ``connection``, to be retried by the
+        next run)."""
+        if self.size == 1 or not connect:
+            self.verdict.give_up(cause, reason, connect)
+            return
+        r = ticket.replica
+        r.last_failure = f"{cause}: {reason}"
+        if r.state != OUT:
+            self._take_out(r, f"cannot connect ({reason})")
+        if not self.in_rotation():
+            raise OutageError(
+                f"every replica is out of rotation ({self._why_out()}); stopped early with progress kept: "
+                "run the same command when the endpoint is back"
+            )
 
     def _take_out(self, r: Replica, why: str) -> None:
         now = self._clock()
@@ -439,6 +466,12 @@ class Fleet:
 
     def _why_out(self) -> str:
         return "; ".join(f"{r.base}: {r.last_failure or 'out'}" for r in self.replicas)
+
+
+def idle_report(bases: Sequence[str]) -> list[dict[str, Any]]:
+    """The per-replica figures of a run that sent nothing (all done, or stopped before sending)."""
+    return [Replica(i, base, FixedLimit(1), OutageVerdict(1)).report(0.0) | {"concurrency_limit": None}
+            for i, base in enumerate(bases)]
 
 
 def _refused_alone(cause: str | None) -> bool:

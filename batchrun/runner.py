@@ -25,6 +25,7 @@ from .errors import (
     StateError,
     StorageError,
 )
+from .fleet import idle_report
 from .incremental import carry_forward
 from .inputcheck import check_sample, open_job, with_input
 from .jobchecks import BUILTIN
@@ -93,6 +94,7 @@ def run_job(
     summary = RunSummary(
         job=str(spec.job_path), status="", exit_code=0, output_path=str(spec.output_path),
         shard=str(part) if part else "", started_at=now(), echo_match=spec.echo_match,
+        replicas=idle_report(spec.api_base),
     )
     started = time.monotonic()
     try:
