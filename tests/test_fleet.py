@@ -144,6 +144,7 @@ def test_every_replica_down_is_an_outage_exit_4_with_progress_kept_and_the_same_
             ep.kill()
         code, out, err = run.finish()
         said = out + err
+        written = job.output().exists()
         summary = job.summary()
         status = json.loads(cli("status", job.path, "--json").stdout)
         for ep in eps:
@@ -152,18 +153,21 @@ def test_every_replica_down_is_an_outage_exit_4_with_progress_kept_and_the_same_
         again = cli(job.path)
         resent = prompts_seen(eps) - mark
     assert code == 4, said
-    assert "out of rotation" in said or all(f":{ep.port}" in said for ep in eps), said
-    assert not job.output().exists()
+    assert not written, "an outage wrote the output"
     assert summary["exit_code"] == 4
     assert summary["succeeded"] > 0 and status["succeeded"] > 0, "no progress kept"
-    for r in replicas_of(summary, eps):
-        assert r["in_rotation"] is False and r["times_taken_out"] >= 1, r
-        assert r["failures_by_class"].get("connection", 0) >= 1, r
+    # The same command, once they are back, finishes exact without starting over.
     assert again.returncode == 0, again.stderr
     assert_exact(job.output(), rows)
     assert tally(job.output(), rows) == EXACT
     assert resent < len(rows), "the rerun sent everything again: nothing was kept"
     assert all(r["in_rotation"] for r in replicas_of(job.summary(), eps))
+    # What stopped the run is said as such: every replica out, not one endpoint unreachable.
+    [error] = [line for line in err.splitlines() if line.startswith("batchrun: error:")]
+    assert "out of rotation" in error or all(f":{ep.port}" in error for ep in eps), error
+    for r in replicas_of(summary, eps):
+        assert r["failures_by_class"].get("connection", 0) >= 1, r
+        assert r["in_rotation"] is False and r["times_taken_out"] >= 1, r
 
 
 # --- 3. a replica that sheds everything -------------------------------------------------------------
@@ -254,3 +258,17 @@ def test_one_api_base_string_reports_a_list_of_one_replica(make_job: MakeJob) ->
     assert (replica["requests"], replica["prompts"]) == (summary["requests"], summary["prompts_sent"]) == (10, 40)
     assert replica["answered"] == 10 and replica["in_rotation"] is True
     assert [r["url"] for r in status["replicas"]] == [ep.url]
+
+
+def test_a_run_with_nothing_to_do_still_lists_every_replica(make_job: MakeJob) -> None:
+    """The summary has one entry per api_base whatever the run did; a rerun of a finished job
+    (nothing sent) lists them with nothing counted, rather than an empty list."""
+    with fleet(ServerOptions(), ServerOptions()) as eps:
+        job = make_job(20, url=urls(eps))
+        assert cli(job.path).returncode == 0
+        again = cli(job.path)
+        status = json.loads(cli("status", job.path, "--json").stdout)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout
+    for r in replicas_of(job.summary(), eps):
+        assert (r["requests"], r["prompts"], r["answered"], r["times_taken_out"]) == (0, 0, 0, 0), r
+    assert [r["url"] for r in status["replicas"]] == urls(eps)

@@ -2,7 +2,7 @@
 replicas, one of which dies for good partway through each job. Every run that gets through ends
 with every row exactly once, its own output, in input order: 0 lost, 0 duplicated, 0 misplaced.
 
-``BATCHRUN_FLEET_KILLS`` sets how many kills of batchrun the harness lands (8 by default).
+``BATCHRUN_FLEET_KILLS`` sets how many kills of batchrun the harness lands (12 by default).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from endpoint import LiveEndpoint
 from batchrun.server import ServerOptions
 
 EXACT = {"lost": 0, "duplicated": 0, "misplaced": 0}
-KILLS = int(os.environ.get("BATCHRUN_FLEET_KILLS", 8))
+KILLS = int(os.environ.get("BATCHRUN_FLEET_KILLS", 12))
 SEED = int(os.environ.get("BATCHRUN_KILL_SEED", 4))
 ROWS, SEGMENT, INTERVAL_S, BATCH, CONCURRENCY, LATENCY_S = 3000, 64, 0.1, 8, 2, 0.02
 # The start (counted from 1 within a job) during which one replica dies for good.
@@ -123,12 +123,13 @@ def test_kill_9_at_random_moments_across_three_replicas_one_dying_for_good_loses
             assert got == EXACT, got
             assert_exact(output_of(folder), rows)
             summary = summary_of(folder)
-            replicas = summary["replicas"]
-            assert [r["url"] for r in replicas] == [ep.url for ep in eps]
-            if dead_in_run:
-                # Dead before or during the run that got through: out of rotation at its end.
-                assert replicas[1]["in_rotation"] is False, replicas[1]
-                assert replicas[0]["in_rotation"] is True and replicas[2]["in_rotation"] is True, replicas
+            if summary["status"] != "nothing_to_do":  # else a killed run had finished the job already
+                replicas = summary["replicas"]
+                assert [r["url"] for r in replicas] == [ep.url for ep in eps]
+                if dead_in_run:
+                    # Dead before or during the run that got through: out of rotation at its end.
+                    assert replicas[1]["in_rotation"] is False, replicas[1]
+                    assert replicas[0]["in_rotation"] is True and replicas[2]["in_rotation"] is True, replicas
             prompts = Counter(p for ep in eps for p in ep.log.prompts_received)
             assert set(prompts) == {r["prompt"] for r in rows}
     print(
