@@ -272,3 +272,25 @@ def test_a_run_with_nothing_to_do_still_lists_every_replica(make_job: MakeJob) -
     for r in replicas_of(job.summary(), eps):
         assert (r["requests"], r["prompts"], r["answered"], r["times_taken_out"]) == (0, 0, 0, 0), r
     assert [r["url"] for r in status["replicas"]] == urls(eps)
+
+
+@pytest.mark.parametrize("max_retries", [0, 1])
+def test_a_replica_dead_from_the_start_never_stops_a_run_the_others_can_finish_whatever_max_retries(
+    make_job: MakeJob, max_retries: int
+) -> None:
+    """One replica of three is down before the run starts and stays down. Its refused connects
+    (the first one, and every probe after it, each of which carries real rows) are retried on
+    the others: they never end the run as an outage, nor use up a row's attempts, even with
+    ``max_retries`` 0. The run lasts long enough for probes to be sent."""
+    rows = prompt_rows(800)
+    with fleet(*[ServerOptions(latency_s=0.05)] * 3) as eps:
+        eps[1].kill()
+        job = make_job(rows, url=urls(eps), run={"batch_size": 4, "concurrency": 2, "max_retries": max_retries})
+        result = cli(job.path)
+    assert result.returncode == 0, result.stderr
+    assert_exact(job.output(), rows)
+    up, dead, other = replicas_of(job.summary(), eps)
+    print(f"\nmax_retries {max_retries}: {dead}")
+    assert dead["failures_by_class"].get("connection", 0) >= 2, "no probe was sent: make the run longer"
+    assert dead["answered"] == 0 and dead["in_rotation"] is False and dead["times_taken_out"] >= 1, dead
+    assert up["in_rotation"] is True and other["in_rotation"] is True
