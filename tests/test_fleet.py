@@ -95,7 +95,9 @@ def test_a_replica_killed_mid_run_is_taken_out_its_work_lands_elsewhere_and_it_i
     ends 0, exact; the killed replica's summary shows its connection failures, that it was
     taken out, and that it was used again; the fastest replica served more than the slowest."""
     rows = prompt_rows(1200)
-    options = [ServerOptions(latency_s=0.02, capacity_prompts=cap, queue_prompts=10_000) for cap in (8, 16, 32)]
+    # 50 ms at capacity: slow enough that the capacity model, not the CPU of a busy test machine,
+    # sets each replica's pace (0.2 / 0.1 / 0.05 s a request at 32 prompts in flight).
+    options = [ServerOptions(latency_s=0.05, capacity_prompts=cap, queue_prompts=10_000) for cap in (8, 16, 32)]
     with fleet(*options) as eps:
         slow, killed, fast = eps
         job = make_job(rows, url=urls(eps), run={"batch_size": 8, "concurrency": 4, "max_retries": 5})
@@ -122,6 +124,7 @@ def test_a_replica_killed_mid_run_is_taken_out_its_work_lands_elsewhere_and_it_i
     assert k["in_rotation"] is True, k
     assert k["answered"] >= 1, k
     assert f["prompts"] > s["prompts"], (f["prompts"], s["prompts"])
+    assert f["latency_p50_s"] < s["latency_p50_s"], (f["latency_p50_s"], s["latency_p50_s"])
     assert s["times_taken_out"] == f["times_taken_out"] == 0
     # The summary line names the replicas.
     assert all(f":{ep.port}" in out for ep in eps), out
@@ -177,7 +180,9 @@ def test_a_replica_answering_503_is_cut_and_paused_alone_and_the_others_finish_t
     """One replica answers 503 to everything: its own limit is cut (auto) and it ends below the
     healthy ones'; its 503s are counted for it, never stop the run, and no row lands from it."""
     rows = prompt_rows(600)
-    with fleet(*[ServerOptions(latency_s=0.02)] * 3, rules={0: lambda n, p: "503"}) as eps:
+    # 0.1 s a request: a busy machine's jitter stays well within the latency guard's 50%, so the
+    # healthy replicas' limits are not cut by noise.
+    with fleet(*[ServerOptions(latency_s=0.1)] * 3, rules={0: lambda n, p: "503"}) as eps:
         job = make_job(rows, url=urls(eps), run={"batch_size": 4, "concurrency": "auto", "max_concurrency": 16})
         result = cli(job.path)
     assert result.returncode == 0, result.stderr
