@@ -1,5 +1,5 @@
-"""Adaptive concurrency (``run.concurrency = "auto"``): an ``Admission`` whose limit of requests
-in flight follows the endpoint, between 1 and ``run.max_concurrency``.
+"""Adaptive concurrency (``run.concurrency = "auto"``): a ``Limit`` of requests in flight to one
+replica that follows it, between 1 and ``run.max_concurrency``; each replica has its own.
 
 The algorithm is AIMD with a latency guard, in the family of TCP Vegas and Netflix's
 concurrency-limits (its ``AIMDLimit`` and ``VegasLimit``), chosen because its only inputs are
@@ -16,9 +16,9 @@ what every attempt reports anyway (latency and failure class) and its behaviour 
   queueing: the limit is cut by 10%, at most once per round trip. More in flight would add
   latency, not throughput, and a queue that keeps growing ends in shed load;
 - **multiplicative decrease**: a 429, a 503 or a timeout halves the limit (in slow start) or cuts
-  it by a quarter, once per burst: answers to requests sent before the last cut say nothing new
-  (and do not count toward an outage either), while one sent after it and still refused cuts
-  again.
+  it by a quarter, once per burst: answers to requests sent before the replica last reacted to
+  overload (a cut or a pause) say nothing new (and do not count toward taking it out of rotation
+  either, see ``fleet.py``), while one sent after it and still refused cuts again.
 
 Only full batches (``batch_size`` prompts) feed the latency figures, since a smaller batch (a
 resend, a halved batch) is faster for reasons of its own. The lowest latency is the minimum of
@@ -29,122 +29,66 @@ more settings to get wrong; ``adaptive.py`` is the one place to swap it in.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import time
-from collections.abc import Callable
-
-from .admission import AttemptResult, FixedAdmission, Stopping, _unless_stopped
-from .retry import RetryPolicy
+from .admission import AttemptResult
 
 # The failure classes that mean "the server is full": everything else (a reset, an invalid
 # answer) says nothing of its load.
 OVERLOAD = frozenset({"http_429", "http_503", "timeout"})
 
 
-class AdaptiveAdmission:
-    """``Admission`` with a moving limit; the rate limits and the 429 pause are ``FixedAdmission``'s."""
+class AimdLimit:
+    """A ``Limit`` (see ``admission.py``) that follows its replica, between 1 and ``max_concurrency``."""
+
+    adaptive = True
 
     def __init__(
         self,
         max_concurrency: int,
-        requests_per_minute: float | None,
-        prompts_per_minute: float | None,
         batch_size: int,
-        policy: RetryPolicy | None = None,
         *,
         initial: int = 2,
         tolerance: float = 0.25,
         window: int = 50,
-        clock: Callable[[], float] = time.monotonic,
     ):
-        self._gate = FixedAdmission(max_concurrency, requests_per_minute, prompts_per_minute, batch_size, policy)
         self._max = max_concurrency
         self._batch = batch_size
+        self._initial = initial
         self._tolerance = tolerance
-        self._clock = clock
-        self.limit = float(min(initial, max_concurrency))
+        self._window_size = window
+        self._cuts = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Start afresh: slow start from ``initial``, latency forgotten (cuts are kept: a count)."""
+        self.limit = float(min(self._initial, self._max))
         self.slow_start = True
-        self.in_flight = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._rtt_min: float | None = None  # the lowest full-batch latency of recent windows
         self._rtt_avg: float | None = None  # a short moving average of full-batch latency
         self._window: list[float] = []
-        self._window_size = window
         self._last_cut = float("-inf")
-        self._cuts = 0
-        self._counts = True
 
     @property
     def max_in_flight(self) -> int:
         return self._max
 
     @property
-    def current_limit(self) -> int:
+    def current(self) -> int:
         return max(1, int(self.limit))
 
     @property
     def cuts(self) -> int:
         return self._cuts
 
-    async def admit(self, prompts: int, stop: asyncio.Event | None = None) -> float:
-        started = self._clock()
-        if self.in_flight >= self.current_limit or self._waiters:
-            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(turn)
-            try:
-                await _unless_stopped(asyncio.shield(turn), stop)
-            except BaseException:
-                if turn.done() and not turn.cancelled():
-                    self._release()  # handed a place that will not be used: give it on
-                else:
-                    turn.cancel()
-                raise
-            # ``_wake`` counted this attempt in flight when it handed the place over.
-        else:
-            self.in_flight += 1
-        try:
-            await self._gate.admit(prompts, stop)
-        except BaseException:
-            self._release()
-            raise
-        return self._clock() - started
-
-    def settle(self, result: AttemptResult) -> None:
-        self._gate.settle(result)
-        # An overload answer to a request sent before the limit was last cut is the tail of a
-        # burst already in flight, not news: the run stops as an outage only when requests sent
-        # after the cut keep failing (nothing else coming back in between).
-        now = self._clock()
-        fresh = now - result.latency_s >= self._last_cut  # sent after the last cut
-        self._counts = fresh or result.cause not in OVERLOAD
-        self._observe(result, now, fresh)
-        self._release()
-
-    def counts_toward_outage(self) -> bool:
-        return self._counts
-
-    def _release(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.current_limit:
-            turn = self._waiters.popleft()
-            if turn.done():
-                continue  # its admit was stopped meanwhile
-            self.in_flight += 1
-            turn.set_result(None)
-
-    def _observe(self, result: AttemptResult, now: float, fresh: bool) -> None:
+    def observe(self, result: AttemptResult, now: float, fresh: bool) -> bool:
         if result.cause in OVERLOAD:
             # Once per burst: answers to requests sent before the last cut say nothing new; one
             # sent after it that is still refused says the cut was not enough.
             if fresh:
                 self._cut(now, 0.5 if self.slow_start else 0.75)
-            return
+                return True
+            return False
         if result.cause is not None or result.prompts != self._batch:
-            return  # says nothing of the server's load, or not comparably
+            return False  # says nothing of the server's load, or not comparably
         sample = result.latency_s
         self._window.append(sample)
         if self._rtt_min is None or sample < self._rtt_min:
@@ -159,14 +103,15 @@ class AdaptiveAdmission:
             # The first answer slowed by a queue ends slow start, before the average shows it: a
             # limit doubling every round trip would otherwise overshoot into shed load.
             self.slow_start = False
-            return
+            return False
         if self._rtt_avg <= floor * (1 + self._tolerance):
             self.limit = min(float(self._max), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
-            self._wake()
         elif self._rtt_avg > floor * (1 + 2 * self._tolerance):
             self.slow_start = False
             if now - self._last_cut >= self._rtt_avg:  # at most once a round trip
                 self._cut(now, 0.9)
+                return True
+        return False
 
     def _cut(self, now: float, factor: float) -> None:
         self.slow_start = False
@@ -175,4 +120,4 @@ class AdaptiveAdmission:
         self._cuts += 1
 
 
-__all__ = ["OVERLOAD", "AdaptiveAdmission", "Stopping"]
+__all__ = ["OVERLOAD", "AimdLimit"]

@@ -1,30 +1,24 @@
-"""Admission: what the client asks before every attempt and tells after it (one seam).
+"""Admission's parts: what an attempt reports, the run's rate limits, and the limit of requests
+in flight one replica may have (``Limit``), fixed here and adaptive in ``adaptive.py``.
 
-``Admission.admit`` waits for a turn to send; ``Admission.settle`` hears how the attempt went.
-Admission owns concurrency: ``admit`` takes one of its slots of attempts in flight and
-``settle`` gives it back, and the engine sizes its pool of workers (and the connection pool) by
-``max_in_flight``, the most it will ever admit at once. Today's implementation,
-``FixedAdmission``, has ``run.concurrency`` slots, the run's shared rate limits and the pause a
-429 imposes on every request. An adaptive controller is a new implementation whose limit moves
-between 1 and ``max_in_flight`` from what ``settle`` hears.
+The seam the client calls before and after every attempt is ``fleet.Fleet`` (``admit`` picks a
+replica with room and takes one of its places; ``settle`` gives it back and feeds the replica's
+``Limit``). A ``Limit`` is the concurrency algorithm alone: it says how many requests may be in
+flight to its replica now (between 1 and ``max_in_flight``), and hears every attempt's result.
 
-What an implementation must guarantee: ``admit`` returns the seconds it waited, holding a slot;
-it raises ``Stopping`` at once when the run's stop event is or becomes set (a stopping run sends
-nothing new), holding nothing then; ``settle`` is called exactly once for every ``admit`` that
-returned (with cause ``"not_sent"`` when the caller sent nothing after all), releases the slot,
-and never blocks.
+What a ``Limit`` must guarantee: ``current`` is always between 1 and ``max_in_flight``;
+``observe`` never blocks and returns True when it lowered the limit (a reaction to overload, so
+the fleet can tell a burst's tail from news); ``reset`` starts it afresh (its replica was out of
+rotation and is back).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiolimiter import AsyncLimiter
-
-from .retry import RetryPolicy
 
 
 class Stopping(Exception):
@@ -37,107 +31,97 @@ class AttemptResult:
 
     prompts: int
     latency_s: float
-    cause: str | None = None  # None: the endpoint answered; else the failure's class (http_429, timeout, ...)
+    # None: the endpoint gave at least one valid answer; else the failure's class (http_429,
+    # timeout, connection, invalid_response, http_400, ...), "not_sent" or "aborted".
+    cause: str | None = None
     retry_after: float | None = None  # the endpoint's Retry-After, in seconds
 
 
-class Admission(Protocol):
+class Limit(Protocol):
+    """How many requests may be in flight to one replica: the concurrency algorithm's seam."""
+
+    adaptive: bool
+
     @property
     def max_in_flight(self) -> int: ...
 
     @property
-    def current_limit(self) -> int | None:
-        """The attempts in flight allowed now, when it moves (None: always ``max_in_flight``)."""
-        ...
+    def current(self) -> int: ...
 
     @property
     def cuts(self) -> int:
         """How many times the limit was lowered."""
         ...
 
-    async def admit(self, prompts: int, stop: asyncio.Event | None = None) -> float: ...
-
-    def settle(self, result: AttemptResult) -> None: ...
-
-    def counts_toward_outage(self) -> bool:
-        """Whether the attempt settled last, if it failed, is evidence that the endpoint is down
-        (asked right after ``settle``)."""
+    def observe(self, result: AttemptResult, now: float, fresh: bool) -> bool:
+        """Hear how an attempt went (``fresh``: it was sent after the replica last reacted to
+        overload); return True when the limit was lowered."""
         ...
 
+    def reset(self) -> None: ...
 
-class FixedAdmission:
-    """Shared by every request of a run: ``concurrency`` attempts in flight at most, smooth rate
-    limits and the pause a 429 imposes on all.
+
+class FixedLimit:
+    """``run.concurrency`` requests in flight at most. Overload lowers it all the same: a fresh 429
+    or 503 cuts it by a quarter (a replica shedding load is sent less, not hammered at the same
+    rate), and every answer raises it by ``1/limit`` (one a round trip) back up to ``concurrency``.
+    A server that never sheds is always sent ``concurrency``."""
+
+    adaptive = False
+
+    def __init__(self, concurrency: int):
+        self._n = concurrency
+        self.limit = float(concurrency)
+        self._cuts = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._n
+
+    @property
+    def current(self) -> int:
+        return max(1, int(self.limit))
+
+    @property
+    def cuts(self) -> int:
+        return self._cuts
+
+    def observe(self, result: AttemptResult, now: float, fresh: bool) -> bool:
+        if result.cause in ("http_429", "http_503"):
+            if fresh:
+                self.limit = max(1.0, self.limit * 0.75)
+                self._cuts += 1
+                return True
+            return False
+        if result.cause is None and self.limit < self._n:
+            self.limit = min(float(self._n), self.limit + 1.0 / self.limit)
+        return False
+
+    def reset(self) -> None:
+        self.limit = float(self._n)
+
+
+class RateGate:
+    """The run's rate limits (``requests_per_minute``, ``prompts_per_minute``), shared by every
+    request to every replica.
 
     Buckets hold one request and one batch of prompts, so the rate is held evenly from the first
     second instead of allowing a minute's worth in a burst.
     """
 
-    def __init__(
-        self,
-        concurrency: int,
-        requests_per_minute: float | None,
-        prompts_per_minute: float | None,
-        batch_size: int,
-        policy: RetryPolicy | None = None,
-    ):
-        self._policy = policy or RetryPolicy(max_retries=0, base_s=1.0, cap_s=60.0)
+    def __init__(self, requests_per_minute: float | None, prompts_per_minute: float | None, batch_size: int):
         self._requests = AsyncLimiter(1, 60.0 / requests_per_minute) if requests_per_minute else None
         self._batch = batch_size
         self._prompts = (
             AsyncLimiter(batch_size, batch_size * 60.0 / prompts_per_minute) if prompts_per_minute else None
         )
-        self._paused_until = 0.0
-        self._concurrency = concurrency
-        self._slots = asyncio.Semaphore(concurrency)
 
-    @property
-    def max_in_flight(self) -> int:
-        return self._concurrency
-
-    @property
-    def current_limit(self) -> int | None:
-        return None
-
-    @property
-    def cuts(self) -> int:
-        return 0
-
-    def settle(self, result: AttemptResult) -> None:
-        self._slots.release()
-        if result.cause == "http_429":
-            # The endpoint is saturated: everyone backs off, not only this request.
-            self.pause(self._policy.delay(1, result.retry_after))
-
-    def counts_toward_outage(self) -> bool:
-        return True
-
-    def pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-
-    async def admit(self, prompts: int, stop: asyncio.Event | None = None) -> float:
-        """Wait for a turn to send ``prompts`` prompts; return the seconds waited.
-
-        Raises ``Stopping`` as soon as ``stop`` is set: a stopping run sends nothing new.
-        """
-        started = time.monotonic()
-        await _unless_stopped(self._slots.acquire(), stop)
-        try:
-            await self._sit_out_pause(stop)
-            if self._requests is not None:
-                await _unless_stopped(self._requests.acquire(), stop)
-            if self._prompts is not None:
-                await _unless_stopped(self._prompts.acquire(min(prompts, self._batch)), stop)
-            # A 429 answered while this request queued on a limiter holds it too.
-            await self._sit_out_pause(stop)
-        except BaseException:
-            self._slots.release()
-            raise
-        return time.monotonic() - started
-
-    async def _sit_out_pause(self, stop: asyncio.Event | None) -> None:
-        while (left := self._paused_until - time.monotonic()) > 0:
-            await sleep_unless_stopped(left, stop)
+    async def wait(self, prompts: int, stop: asyncio.Event | None = None) -> None:
+        """Wait for a turn to send ``prompts`` prompts; raise ``Stopping`` once ``stop`` is set."""
+        if self._requests is not None:
+            await _unless_stopped(self._requests.acquire(), stop)
+        if self._prompts is not None:
+            await _unless_stopped(self._prompts.acquire(min(prompts, self._batch)), stop)
 
 
 async def sleep_unless_stopped(seconds: float, stop: asyncio.Event | None) -> None:

@@ -234,11 +234,13 @@ def validate(job: Path, overwrite: bool, debug: bool) -> None:
         f"input:        {len(spec.input_files)} {spec.input_format} file(s), {rows} rows, "
         f"{len(spec.columns)} columns",
         f"prompt:       {prompt}" + (f"; id column {spec.id_column!r}" if spec.id_column else ""),
-        f"endpoint:     {spec.api_base}" + (f" ({spec.protocol})" if spec.protocol != "custom" else "")
-        + f" model {spec.model_name!r}",
+        "endpoint:     " + (spec.api_base[0] if len(spec.api_base) == 1
+                             else f"{len(spec.api_base)} replicas: {', '.join(spec.api_base)}")
+        + (f" ({spec.protocol})" if spec.protocol != "custom" else "") + f" model {spec.model_name!r}",
         f"params:       {spec.params or '(endpoint defaults)'}",
         f"requests:     up to {math.ceil(rows / b)} of {b} prompts, "
-        + (f"in flight: adaptive, 1 to {spec.run.max_concurrency}" if c == "auto" else f"at most {c} in flight"),
+        + (f"in flight: adaptive, 1 to {spec.run.max_concurrency}" if c == "auto" else f"at most {c} in flight")
+        + (" per replica" if len(spec.api_base) > 1 else ""),
         f"output:       {spec.output_path}",
         f"state:        {spec.state_dir} ("
         + ("input changed: the run plans it again by id, reusing unchanged rows" if found.replan
@@ -353,11 +355,14 @@ class _ProgressDisplay:
             rate = (p.done - self.first_done) / p.elapsed_s if p.elapsed_s > 0 else 0.0
             left = (p.total - p.done) / rate if rate > 0 else float("inf")
             eta = f"{left:.0f}s" if math.isfinite(left) else "?"
-            fields = {"done": p.done, "total": p.total, "failed": p.failed, "rows_per_s": round(rate, 1)}
+            fields: dict[str, Any] = {"done": p.done, "total": p.total, "failed": p.failed, "rows_per_s": round(rate, 1)}
             limit = ""
             if p.limit is not None:
                 fields["concurrency_limit"] = p.limit
                 limit = f", {p.limit} in flight allowed"
+                if p.limits:
+                    fields["concurrency_limits"] = list(p.limits)
+                    limit += f" ({'+'.join(map(str, p.limits))} by replica)"
             log.info(
                 "progress: %d/%d rows done, %d failed, %.1f rows/s, eta %s%s",
                 p.done, p.total, p.failed, rate, eta, limit, extra={"fields": fields},

@@ -13,10 +13,11 @@ from typing import NamedTuple
 
 import aiohttp
 
-from .admission import Admission, AttemptResult, FixedAdmission, Stopping, sleep_unless_stopped
+from .admission import AttemptResult, Stopping, sleep_unless_stopped
 from .errors import AuthError, EndpointError
+from .fleet import Fleet, Replica, Ticket
 from .protocol import Answer, Codec, Matched, ResponseError, Usage
-from .retry import INVALID, OutageVerdict, RetryLog, RetryPolicy, parse_retry_after
+from .retry import INVALID, RetryLog, RetryPolicy, parse_retry_after
 
 # A hostile or broken endpoint must not exhaust memory: larger responses are refused.
 DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
@@ -56,6 +57,7 @@ class _Transient(Exception):
     def __init__(self, cause: str, reason: str, retry_after: float | None = None, connect: bool = False):
         self.cause, self.reason, self.retry_after = cause, reason, retry_after
         self.connect = connect  # the request never reached the server: refused, DNS, unreachable, TLS
+        self.free = False  # retried on another replica without counting against the row
 
 
 class _Rejected(Exception):
@@ -74,11 +76,10 @@ class EndpointClient:
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        url: str,
+        fleet: Fleet | str,
         codec: Codec,
         policy: RetryPolicy,
         api_key: str | None = None,
-        admission: Admission | None = None,
         accounting: Accounting | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         *,
@@ -88,8 +89,10 @@ class EndpointClient:
         headers: dict[str, str] | None = None,
         secrets: tuple[str, ...] = (),
     ):
+        """``fleet``: the run's replicas and their limits (``fleet.fleet_for``), or one URL to send
+        to with no limit of its own (``answered_before`` then says whether earlier runs were answered)."""
         self._session = session
-        self._url = url
+        self._fleet = fleet if isinstance(fleet, Fleet) else Fleet.single(fleet, policy, answered_before=answered_before)
         self._codec = codec
         self._policy = policy
         # Extra headers (endpoint.headers, headers_env) first: batchrun's own win any clash.
@@ -99,10 +102,9 @@ class EndpointClient:
         # Values never shown in a message: the key and every header read from the environment.
         self._secrets = tuple(s for s in (api_key, *secrets) if s)
         self._in_flight = 0  # attempts sent and not yet settled, across every caller
-        self._admission: Admission = admission or FixedAdmission(1_000_000, None, None, 1, policy)
         self._max_bytes = max_response_bytes
         self._stop = stop
-        self.verdict = OutageVerdict(policy.outage_after, answered=answered_before)
+        self.verdict = self._fleet.verdict
         self.retry_log = retry_log or RetryLog()
         self.accounting = accounting if accounting is not None else Accounting()
 
@@ -137,13 +139,21 @@ class EndpointClient:
         on_usage: Callable[[Usage], None] | None = None,
     ) -> None:
         failure = _Transient("", "")
-        for attempt in range(self._policy.max_retries + 1):
-            if attempt:
+        retries = free = 0
+        avoid: Replica | None = None
+        fleet = self._fleet
+        while True:
+            if failure.cause:
                 self.accounting.retries[failure.cause] += 1
-                await sleep_unless_stopped(self._policy.delay(attempt, failure.retry_after), self._stop)
-            self.accounting.throttle_wait_s += await self._admission.admit(len(pending), self._stop)
+                if not failure.free:
+                    # With several replicas, Retry-After pauses the replica that sent it; the
+                    # rows go on to another one after the usual backoff.
+                    retry_after = failure.retry_after if fleet.size == 1 else None
+                    await sleep_unless_stopped(self._policy.delay(retries, retry_after), self._stop)
+            ticket = await fleet.admit(len(pending), self._stop, avoid)
+            self.accounting.throttle_wait_s += ticket.waited_s
             if self._stop is not None and self._stop.is_set():
-                self._admission.settle(AttemptResult(len(pending), 0.0, "not_sent"))
+                fleet.settle(ticket, AttemptResult(len(pending), 0.0, "not_sent"))
                 raise Stopping
             for i in pending:
                 if attempts[i]:
@@ -152,14 +162,23 @@ class EndpointClient:
             started = time.monotonic()
             self._in_flight += 1
             try:
-                matched = await self._attempt([prompts[i] for i in pending])
+                matched = await self._attempt(ticket.url, [prompts[i] for i in pending])
             except _Transient as exc:
-                self._settle(len(pending), started, exc.cause, exc.retry_after)
+                self._settle(ticket, len(pending), started, exc.cause, exc.retry_after)
                 failure = exc
-                self._failed_attempt(exc)
+                self.retry_log.failed(exc.cause, exc.reason)
+                avoid = ticket.replica
+                # Never reached a server, and another replica takes over: not the row's attempt.
+                failure.free = fleet.failed(ticket, exc.cause, exc.reason, exc.connect) and free < 2 * fleet.size
+                if failure.free:
+                    free += 1
+                    continue
+                retries += 1
+                if retries > self._policy.max_retries:
+                    break
                 continue
             except _Rejected as exc:
-                self._settle(len(pending), started, f"http_{exc.status}")
+                self._settle(ticket, len(pending), started, f"http_{exc.status}")
                 if len(pending) == 1:
                     outcomes[pending[0]] = RowOutcome(
                         None, f"{REJECTED}: HTTP {exc.status}: {exc.reason}", attempts[pending[0]], None, REJECTED
@@ -171,9 +190,9 @@ class EndpointClient:
                 await self._process(pending[half:], prompts, outcomes, attempts, on_usage)
                 return
             except BaseException:  # the run is ending (credentials refused, redirect, cancelled)
-                self._settle(len(pending), started, "aborted")
+                self._settle(ticket, len(pending), started, "aborted")
                 raise
-            latency = self._settle(len(pending), started)
+            latency = self._settle(ticket, len(pending), started, None if matched.answers else INVALID)
             if matched.usage is not None:
                 self.accounting.prompt_tokens += matched.usage.prompt_tokens
                 self.accounting.completion_tokens += matched.usage.completion_tokens
@@ -183,17 +202,20 @@ class EndpointClient:
                 i = pending[j]
                 outcomes[i] = RowOutcome(answer, None, attempts[i], latency)
             pending = [i for j, i in enumerate(pending) if j not in matched.answers]
+            if matched.answers:
+                fleet.answered(ticket)
             if not pending:
-                self.verdict.answer()
                 self.retry_log.tick()
                 return
             failure = _Transient(INVALID, self._redact(matched.problem or "invalid response"))
-            if matched.answers:
-                self.verdict.answer()
-                self.retry_log.failed(failure.cause, failure.reason)
-            else:
+            self.retry_log.failed(failure.cause, failure.reason)
+            if not matched.answers:
                 # Nothing usable came back: as much the endpoint's failure as a 5xx.
-                self._failed_attempt(failure)
+                avoid = ticket.replica
+                fleet.failed(ticket, failure.cause, failure.reason)
+            retries += 1
+            if retries > self._policy.max_retries:
+                break
         if self._stop is not None and self._stop.is_set():
             raise Stopping  # cut short: whether these rows or the endpoint are at fault is unknown
         while not self.verdict.answered and not failure.connect and self._in_flight > 0:
@@ -219,22 +241,16 @@ class EndpointClient:
         # the request's headers.
         return _redacted(text, self._secrets)
 
-    def _settle(self, prompts: int, started: float, cause: str | None = None, retry_after: float | None = None) -> float:
-        """Tell admission how an attempt went (before anything else is sent); return its latency."""
+    def _settle(
+        self, ticket: Ticket, prompts: int, started: float, cause: str | None = None, retry_after: float | None = None
+    ) -> float:
+        """Tell the fleet how an attempt went (before anything else is sent); return its latency."""
         latency = time.monotonic() - started
         self._in_flight -= 1
-        self._admission.settle(AttemptResult(prompts, latency, cause, retry_after))
+        self._fleet.settle(ticket, AttemptResult(prompts, latency, cause, retry_after))
         return latency
 
-    def _failed_attempt(self, exc: _Transient) -> None:
-        self.retry_log.failed(exc.cause, exc.reason)
-        if exc.cause == "http_429":
-            return  # overload, not death: admission pauses the run (see FixedAdmission.settle)
-        if not self._admission.counts_toward_outage():
-            return  # sent before admission reacted to the overload it reports: no news
-        self.verdict.failure(exc.cause, exc.reason)
-
-    async def _attempt(self, prompts: list[str]) -> Matched:
+    async def _attempt(self, url: str, prompts: list[str]) -> Matched:
         encoded = self._codec.build_request(prompts)
         # aiohttp writes a large bytes body in one go; a stream goes in chunks.
         body: bytes | io.BytesIO = io.BytesIO(encoded) if len(encoded) > _STREAM_BODY_BYTES else encoded
@@ -242,7 +258,7 @@ class EndpointClient:
         self.accounting.prompts_sent += len(prompts)
         try:
             async with self._session.post(
-                self._url, data=body, headers=self._headers, allow_redirects=False
+                url, data=body, headers=self._headers, allow_redirects=False
             ) as resp:
                 raw = await _read_capped(resp, self._max_bytes)
                 status = resp.status

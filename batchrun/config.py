@@ -41,7 +41,8 @@ OPENAI = ("openai-completions", "openai-chat")
 
 
 class EndpointSection(_Section):
-    api_base: str
+    # One URL, or a list of replicas of one model (requests go to the one with most spare room).
+    api_base: str | Annotated[list[str], Field(min_length=1, max_length=256)]
     protocol: Protocol = "custom"
     model: str = Field(min_length=1)
     api_key_env: str | None = None
@@ -132,7 +133,7 @@ class JobSpec(BaseModel):
     template: str | None
     template_fields: tuple[str, ...]
     id_column: str | None
-    api_base: str
+    api_base: tuple[str, ...]  # the replicas, in the job file's order (one for a single URL)
     protocol: Protocol = "custom"
     model: str
     api_key_env: str | None
@@ -301,6 +302,21 @@ def _one_per_union(errors: list[Any]) -> list[Any]:
     seen: set[tuple[Any, ...]] = set()
     for err in errors:
         loc = tuple(err["loc"])
+        if len(loc) >= 2 and loc[-2] == "api_base" or len(loc) >= 3 and loc[-3] == "api_base":
+            # api_base: a string or a list of strings; one problem, the list's if it is one.
+            key = loc[: loc.index("api_base") + 1]
+            if key not in seen:
+                seen.add(key)
+                value = err["input"] if loc[-1] in ("str", "list[str]") else None
+                if isinstance(value, list) and not value:
+                    out.append({**err, "loc": key, "type": "api_base", "msg": "Must name at least one replica"})
+                elif loc[-1] == "str" and not isinstance(value, list):
+                    out.append({**err, "loc": key, "type": "api_base", "msg": "Must be a URL or a list of URLs"})
+                else:
+                    item = next((e for e in errors if len(e["loc"]) > len(key) + 1 and e["loc"][len(key)] == "list[str]"), err)
+                    where = (*key[:-1], f"api_base[{item['loc'][len(key) + 1]}]") if len(item["loc"]) > len(key) + 1 else key
+                    out.append({**item, "loc": where, "type": "api_base", "msg": "Must be a URL (a string)"})
+            continue
         if len(loc) < 2 or not isinstance(loc[-1], str) or not (loc[-1].startswith("literal[") or loc[-1] == "constrained-int"):
             out.append(err)
             continue
@@ -405,7 +421,7 @@ def _resolve(
         template=inp.template,
         template_fields=template_fields,
         id_column=inp.id_column,
-        api_base=ep.api_base,
+        api_base=(ep.api_base,) if isinstance(ep.api_base, str) else tuple(ep.api_base),
         protocol=ep.protocol,
         model=ep.model,
         api_key_env=ep.api_key_env,

@@ -16,10 +16,11 @@ from typing import Any, cast
 import pyarrow as pa
 
 from . import source
-from .admission import Admission, FixedAdmission
+from .admission import RateGate
 from .client import Accounting, EndpointClient, RowOutcome, make_session
-from .config import JobSpec, RunSection
+from .config import JobSpec
 from .errors import BatchrunError, InterruptedRun
+from .fleet import Fleet, fleet_for
 from .localfs import crashpoint
 from .opensegment import Segment
 from .plan import Plan
@@ -43,7 +44,8 @@ class Progress:
     sent: int
     elapsed_s: float
     skipped: int = 0  # rows not sent because their prompt is empty (counted in done)
-    limit: int | None = None  # with concurrency = "auto": the requests in flight allowed now
+    limit: int | None = None  # with concurrency = "auto": the requests in flight allowed now, over all replicas
+    limits: tuple[int, ...] = ()  # with "auto" and several replicas: each one's
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Engine:
         access: Access,
         on_progress: Callable[[Progress], None] | None,
         started: float,
-        endpoint: AbstractAsyncContextManager[str],
+        endpoint: AbstractAsyncContextManager[tuple[str, ...]],
     ):
         self.spec = spec
         self.state = state
@@ -80,15 +82,21 @@ class Engine:
             retry_after_cap_s=run.retry_after_max_s,
             outage_after=run.outage_after_failures,
         )
-        self.admission = make_admission(run, self.policy)
-        self.endpoint = endpoint  # yields the URL to send to for the length of the run
+        # Rows answered by earlier runs prove the endpoint answers this job's prompts.
+        answered_before = any(i.rows > i.failed for i in infos.values())
+        self.fleet: Fleet = fleet_for(
+            spec.api_base, run.concurrency, run.max_concurrency, run.batch_size, self.policy,
+            RateGate(run.requests_per_minute, run.prompts_per_minute, run.batch_size),
+            answered_before=answered_before,
+        )
+        self.endpoint = endpoint  # yields the replicas' URLs for the length of the run
         self.started = started
         self.seg_rows = plan.segment_rows
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.open: dict[int, Segment] = {}
         # Enough open segments to keep every worker busy twice over, so one slow batch does not
         # stall the pipeline; bounded, so memory is too.
-        window = 2 * self.admission.max_in_flight * spec.run.batch_size
+        window = 2 * self.fleet.max_in_flight * spec.run.batch_size
         self.max_open = max(2, math.ceil(window / self.seg_rows) + 2)
         self.slots = asyncio.Condition()
         self.write_lock = asyncio.Lock()
@@ -120,25 +128,26 @@ class Engine:
         self.stop.set()
 
     async def _run(self) -> None:
-        admission = self.admission
-        async with self.endpoint as url, make_session(admission.max_in_flight, self.spec.timeout_s, self.access.ssl_context) as session:
+        fleet = self.fleet
+        # The fleet bounds each replica; the connection pool holds every attempt it may admit.
+        async with self.endpoint as bases, make_session(
+            fleet.max_in_flight, self.spec.timeout_s, self.access.ssl_context
+        ) as session:
+            fleet.bind([request_url(self.spec, base) for base in bases], bases)
             client = EndpointClient(
                 session,
-                request_url(self.spec, url),
+                fleet,
                 codec_for(self.spec),
                 self.policy,
                 api_key=self.access.api_key,
                 headers=self.access.headers,
                 secrets=self.access.secrets,
-                admission=admission,
                 accounting=self.accounting,
                 max_response_bytes=self.spec.max_response_bytes,
                 stop=self.stop,
-                # Rows answered by earlier runs prove the endpoint answers this job's prompts.
-                answered_before=any(i.rows > i.failed for i in self.infos.values()),
             )
             try:
-                await self._pipeline(client, admission.max_in_flight)
+                await self._pipeline(client, fleet.max_in_flight)
             finally:
                 client.retry_log.flush()
 
@@ -333,7 +342,9 @@ class Engine:
     def _report(self) -> None:
         if self.on_progress is not None:
             self.progress.elapsed_s = time.monotonic() - self.started
-            self.progress.limit = self.admission.current_limit
+            self.progress.limit = self.fleet.current_limit
+            if self.fleet.adaptive and self.fleet.size > 1:
+                self.progress.limits = self.fleet.limits
             self.on_progress(self.progress)
 
 
@@ -342,14 +353,3 @@ def _next_wanted(segments: Any, wanted: set[int]) -> tuple[int, pa.Table] | None
         if k in wanted:
             return k, table
     return None
-
-
-def make_admission(run: RunSection, policy: RetryPolicy) -> Admission:
-    """The run's admission: a fixed number in flight, or (``concurrency = "auto"``) an adaptive one."""
-    if run.concurrency == "auto":
-        from .adaptive import AdaptiveAdmission
-
-        return AdaptiveAdmission(
-            run.max_concurrency, run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy
-        )
-    return FixedAdmission(run.concurrency, run.requests_per_minute, run.prompts_per_minute, run.batch_size, policy)

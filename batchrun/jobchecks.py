@@ -101,7 +101,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def endpoint_problems(where: str, ep: EndpointSection) -> list[str]:
-    problems = [] if ep.api_base == BUILTIN else _check_api_base(where, ep)
+    problems = _api_base_problems(where, ep)
     problems += _header_problems(where, ep)
     if ep.echo_match != "exact" and ep.protocol != "custom":
         problems.append(
@@ -140,19 +140,33 @@ def _plain_name(name: str) -> bool:
     return not any(ch in name for ch in ".[]")
 
 
-def _check_api_base(where: str, ep: EndpointSection) -> list[str]:
-    parts = urlsplit(ep.api_base)
+def _api_base_problems(where: str, ep: EndpointSection) -> list[str]:
+    if isinstance(ep.api_base, str):
+        return [] if ep.api_base == BUILTIN else _check_api_base(f"{where}: endpoint.api_base", ep.api_base, ep)
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, url in enumerate(ep.api_base):
+        key = f"{where}: endpoint.api_base[{i}]"
+        if url == BUILTIN:
+            problems.append(f'{key}: "{BUILTIN}" is a single endpoint, not a replica: give it as api_base alone')
+            continue
+        problems += _check_api_base(key, url, ep)
+        if url.rstrip("/") in seen:
+            problems.append(f"{key}: {url!r} is listed twice; each replica once")
+        seen.add(url.rstrip("/"))
+    return problems
+
+
+def _check_api_base(key: str, url: str, ep: EndpointSection) -> list[str]:
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return [
-            f"{where}: endpoint.api_base: must be an http(s) URL or \"{BUILTIN}\" "
-            f"(got {ep.api_base!r})"
-        ]
+        return [f"{key}: must be an http(s) URL or \"{BUILTIN}\" (got {url!r})"]
     if parts.username or parts.password:
-        return [f"{where}: endpoint.api_base: must not carry credentials; use api_key_env"]
+        return [f"{key}: must not carry credentials; use api_key_env"]
     if parts.scheme == "http" and not ep.allow_insecure_http and not _is_loopback(parts.hostname):
         return [
-            f"{where}: endpoint.api_base: plain http is only for loopback addresses; use https, "
-            f"or set endpoint.allow_insecure_http = true (got {ep.api_base!r})"
+            f"{key}: plain http is only for loopback addresses; use https, "
+            f"or set endpoint.allow_insecure_http = true (got {url!r})"
         ]
     return []
 

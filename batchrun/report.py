@@ -79,6 +79,9 @@ class RunSummary:
     # the controller lowered it (overload answers or a latency rise).
     concurrency_limit: int | None = None
     concurrency_cuts: int = 0
+    # Per replica of endpoint.api_base, in order: requests, prompts, answered, failures_by_class,
+    # latency_p50_s/p95_s, out_of_rotation_s, times_taken_out, in_rotation, concurrency_limit.
+    replicas: list[dict[str, Any]] = field(default_factory=list)
     incremental: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
     write_output_s: float = 0.0
@@ -121,6 +124,8 @@ class RunSummary:
             throttled += f", concurrency auto: {self.concurrency_limit} in flight at the end ({self.concurrency_cuts} cuts)"
         if self.prompt_tokens or self.completion_tokens:
             throttled += f", {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens"
+        if len(self.replicas) > 1:
+            throttled += "; replicas: " + ", ".join(_replica_part(r) for r in self.replicas)
         # A run that stopped early wrote no output: say where it stands instead.
         end = (
             f"output: {self.output_path}"
@@ -189,10 +194,19 @@ def job_status(job: JobSpec | str | Path) -> dict[str, Any]:
         )
     out["running"] = state.holders()
     out["last_run"] = store.read_json(summary_path(spec, None))
+    # Per replica, as the last run ended (its summary's): requests, failures, latency, limits.
+    out["replicas"] = (out["last_run"] or {}).get("replicas", [])
     shards = store.beside(spec.output_path, f"{spec.output_path.name}.shard-*.summary.json")
     out["shards"] = {p.name.split(".shard-")[1].removesuffix(".summary.json"): store.read_json(p) for p in shards}
     out["success_marker"] = store.exists(success_path(spec))
     return out
+
+
+def _replica_part(r: dict[str, Any]) -> str:
+    failed = sum(r["failures_by_class"].values())
+    p50 = f", p50 {r['latency_p50_s']:.2f}s" if r["latency_p50_s"] is not None else ""
+    out = f", {r['out_of_rotation_s']:.0f}s out of rotation" if r["times_taken_out"] else ""
+    return f"{r['url']} {r['prompts']} prompts in {r['requests']} requests ({failed} failed{p50}{out})"
 
 
 def counts_of(infos: dict[int, SegmentInfo]) -> dict[str, Any]:

@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +152,16 @@ def _refuse_running_loop(name: str) -> None:
     )
 
 
-def _endpoint(spec: JobSpec) -> AbstractAsyncContextManager[str]:
-    """Where a run sends its requests: the job's URL, or the reference endpoint started for it."""
-    if spec.api_base == BUILTIN:
+@asynccontextmanager
+async def _endpoint(spec: JobSpec) -> AsyncIterator[tuple[str, ...]]:
+    """Where a run sends its requests: the job's replicas, or the reference endpoint started for it."""
+    if spec.api_base == (BUILTIN,):
         from .server import builtin_endpoint  # aiohttp's server side, only when asked for
 
-        return builtin_endpoint(builtin_path(spec))
-    return nullcontext(spec.api_base)
+        async with builtin_endpoint(builtin_path(spec)) as url:
+            yield (url,)
+        return
+    yield spec.api_base
 
 
 def _run_engine(engine: Engine, signals: StopSignals | None) -> None:
@@ -337,9 +340,11 @@ def _account(summary: RunSummary, engine: Engine) -> None:
     for cause, n in acc.retries.items():
         summary.retries_by_cause[cause] = summary.retries_by_cause.get(cause, 0) + n
     summary.throttle_wait_s += acc.throttle_wait_s
-    if engine.admission.current_limit is not None:
-        summary.concurrency_limit = engine.admission.current_limit
-        summary.concurrency_cuts += engine.admission.cuts
+    fleet = engine.fleet
+    if fleet.current_limit is not None:
+        summary.concurrency_limit = fleet.current_limit
+        summary.concurrency_cuts += fleet.cuts
+    summary.replicas = fleet.report()
     summary.prompt_tokens += acc.prompt_tokens
     summary.completion_tokens += acc.completion_tokens
     summary.rows_answered_this_run += engine.answered

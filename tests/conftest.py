@@ -149,7 +149,7 @@ def toml_value(v: Any) -> str:
 
 def write_job(
     folder: Path,
-    api_base: str,
+    api_base: str | list[str],
     *,
     input_path: str = "input.csv",
     output_path: str = "out/result.parquet",

@@ -11,8 +11,10 @@ from conftest import MakeJob, assert_exact, cli, prompt_rows
 from endpoint import LiveEndpoint
 
 from batchrun import run_job
-from batchrun.adaptive import AdaptiveAdmission
+from batchrun.adaptive import AimdLimit
 from batchrun.admission import AttemptResult, Stopping
+from batchrun.fleet import Fleet, Ticket
+from batchrun.retry import RetryPolicy
 from batchrun.server import ServerOptions
 
 
@@ -24,16 +26,59 @@ class Clock:
         return self.now
 
 
-def gate(**kw: object) -> tuple[AdaptiveAdmission, Clock]:
-    clock = Clock()
-    return AdaptiveAdmission(64, None, None, 16, clock=clock, **kw), clock  # type: ignore[arg-type]
+class Gate:
+    """One replica with an AIMD limit on a fake clock, driven as the client drives it: ``admit``
+    before an attempt, ``settle`` (then ``failed`` or ``answered``) after it, oldest first."""
+
+    def __init__(self, **kw: object):
+        self.clock = Clock()
+        self.aimd = AimdLimit(64, 16, **kw)  # type: ignore[arg-type]
+        self.fleet = Fleet(["http://r"], [self.aimd], RetryPolicy(10, 0.0, 0.0), clock=self.clock)
+        self.tickets: list[Ticket] = []
+
+    @property
+    def current_limit(self) -> int:
+        return self.aimd.current
+
+    @property
+    def limit(self) -> float:
+        return self.aimd.limit
+
+    @property
+    def slow_start(self) -> bool:
+        return self.aimd.slow_start
+
+    @property
+    def cuts(self) -> int:
+        return self.aimd.cuts
+
+    @property
+    def in_flight(self) -> int:
+        return self.fleet.replicas[0].in_flight
+
+    async def admit(self, prompts: int = 16, stop: asyncio.Event | None = None) -> None:
+        self.tickets.append(await self.fleet.admit(prompts, stop))
+
+    def settle(self, result: AttemptResult) -> Ticket:
+        ticket = self.tickets.pop(0)
+        self.fleet.settle(ticket, result)
+        if result.cause is None:
+            self.fleet.answered(ticket)
+        else:
+            self.fleet.failed(ticket, result.cause, "test")
+        return ticket
+
+
+def gate(**kw: object) -> tuple[Gate, Clock]:
+    g = Gate(**kw)
+    return g, g.clock
 
 
 def answered(latency: float = 0.1) -> AttemptResult:
     return AttemptResult(16, latency)
 
 
-async def cycle(g: AdaptiveAdmission, result: AttemptResult) -> None:
+async def cycle(g: Gate, result: AttemptResult) -> None:
     await g.admit(16)
     g.settle(result)
 
@@ -107,7 +152,7 @@ def test_admit_waits_for_room_under_the_limit_and_a_stopped_wait_holds_nothing()
         assert g.in_flight == held
         for _ in range(held):
             g.settle(answered())
-        assert g.in_flight == 0 and not g._waiters
+        assert g.in_flight == 0 and not g.fleet._waiters
 
     asyncio.run(main())
 
@@ -151,21 +196,23 @@ def test_overload_answers_to_requests_sent_before_the_cut_do_not_count_toward_an
 
     async def main() -> None:
         g, clock = gate(initial=8)
+        verdict = g.fleet.replicas[0].verdict
         for _ in range(4):
             await g.admit(16)
         clock.now += 0.05
         g.settle(AttemptResult(16, 0.05, "http_503"))
-        assert g.counts_toward_outage() and g.cuts == 1
+        assert verdict.in_a_row == 1 and g.cuts == 1
         clock.now += 0.01
         g.settle(AttemptResult(16, 0.06, "http_503"))  # sent 0.06 s ago, before the cut
-        assert not g.counts_toward_outage()
+        assert verdict.in_a_row == 1
         g.settle(AttemptResult(16, 0.06, "timeout"))
-        assert not g.counts_toward_outage()
+        assert verdict.in_a_row == 1
         await g.admit(16)
         clock.now += 0.02
         g.settle(AttemptResult(16, 0.01, "http_503"))  # sent after the cut: the cut did not help
-        assert g.counts_toward_outage()
+        assert verdict.in_a_row == 2 and g.cuts == 2
+        await g.admit(16)
         g.settle(answered())
-        assert g.counts_toward_outage()
+        assert verdict.in_a_row == 0
 
     asyncio.run(main())

@@ -65,3 +65,36 @@ def test_the_benchmark_suite_runs_every_section_at_smoke_size_and_reports_its_fi
 
     for heading in ("## throughput", "## cost", "## memory", "## resume"):
         assert heading in ran.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_vllm_auto_benchmark_runs_against_an_openai_compatible_endpoint(tmp_path: Path) -> None:
+    """``tests.benchmarks.vllm_auto`` against the reference endpoint's ``/v1/completions`` (vLLM itself
+    is too heavy for every CI run): every contender completes, writes the same outputs, and the
+    figures it prints for auto (its limit, cuts and share of the best fixed) are there."""
+    from tests.benchmarks.harness import BATCHRUN, free_port
+
+    port = free_port()
+    server = subprocess.Popen([BATCHRUN, "serve", "--port", str(port), "--latency-ms", "20"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        figures_path = tmp_path / "figures.json"
+        ran = subprocess.run(
+            [sys.executable, "-m", "tests.benchmarks.vllm_auto", "--api-base", f"http://127.0.0.1:{port}/v1",
+             "--prompts", "96", "--rounds", "1", "--fixed", "1,4", "--workdir", str(tmp_path / "work"),
+             "--json", str(figures_path)],
+            cwd=REPO, capture_output=True, text=True, timeout=280,
+        )
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(ran.stdout)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    figures = json.loads(figures_path.read_text())
+    assert set(figures["runs"]) == {"auto", "1", "4"} and figures["identical_outputs"] is True
+    for runs in figures["runs"].values():
+        assert [r["status"] for r in runs] == ["complete"] and runs[0]["prompts"] == 96
+    auto = figures["runs"]["auto"][0]
+    assert auto["concurrency_limit"] >= 1 and auto["concurrency_cuts"] >= 0 and auto["limits"]
+    assert positive(figures["whole run"]["auto_share"]) and positive(figures["steady state"]["auto_share"])

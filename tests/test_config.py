@@ -56,7 +56,7 @@ def test_example_job_loads_with_every_path_resolved_against_the_jobs_folder(
     assert spec.columns == ("id", "country", "prompt")
     assert spec.prompt_column == "prompt"
     assert spec.id_column == "id"
-    assert spec.api_base == "builtin"
+    assert spec.api_base == ("builtin",)
     assert spec.model_name == "meta-llama/Llama-2-13b-hf"
     assert spec.params == {"max_tokens": 8, "temperature": 0.7, "top_p": 1.0, "top_k": 40}
     assert (spec.run.batch_size, spec.run.concurrency, spec.run.max_retries) == (4, 2, 3)
@@ -137,12 +137,12 @@ def test_api_key_env_naming_a_variable_is_accepted_without_the_variable_being_se
     ],
 )
 def test_https_anywhere_and_plain_http_on_loopback_are_accepted(folder: Path, api_base: str) -> None:
-    assert open_job(write_job(folder, api_base)).api_base == api_base
+    assert open_job(write_job(folder, api_base)).api_base == (api_base,)
 
 
 def test_plain_http_to_another_host_is_accepted_with_allow_insecure_http(folder: Path) -> None:
     job = write_job(folder, "http://10.1.2.3:8000/inference", endpoint={"allow_insecure_http": True})
-    assert open_job(job).api_base == "http://10.1.2.3:8000/inference"
+    assert open_job(job).api_base == ("http://10.1.2.3:8000/inference",)
 
 
 # -- the job file itself ------------------------------------------------------------------------
@@ -645,3 +645,50 @@ def test_job_file_and_input_problems_are_reported_together(tmp_path: Path) -> No
     problems = problems_of(job)
     assert any("run.batch_size: must be >= 1" in p for p in problems)
     assert any("input.path: input file not found" in p for p in problems)
+
+
+# -- replicas (issue 15) ---------------------------------------------------------------------------
+
+
+def test_a_list_of_replicas_is_read_in_order_and_one_string_is_a_list_of_one(folder: Path) -> None:
+    urls = ["http://127.0.0.1:8001/inference", "https://gpu-2.example.com/inference"]
+    assert open_job(write_job(folder, urls)).api_base == tuple(urls)
+    assert open_job(write_job(folder, "http://127.0.0.1:8001/inference")).api_base == ("http://127.0.0.1:8001/inference",)
+
+
+def test_each_replica_is_checked_as_a_url_and_named_by_its_place_in_the_list(folder: Path) -> None:
+    job = write_job(folder, [
+        "http://127.0.0.1:8001/inference",
+        "http://10.0.0.7:8000/inference",
+        "builtin",
+        "http://127.0.0.1:8001/inference/",
+        "ftp://x",
+    ])
+    where = str(job)
+    assert problems_of(job) == [
+        f"{where}: endpoint.api_base[1]: plain http is only for loopback addresses; use https, or set "
+        "endpoint.allow_insecure_http = true (got 'http://10.0.0.7:8000/inference')",
+        f'{where}: endpoint.api_base[2]: "builtin" is a single endpoint, not a replica: give it as api_base alone',
+        f"{where}: endpoint.api_base[3]: 'http://127.0.0.1:8001/inference/' is listed twice; each replica once",
+        f"{where}: endpoint.api_base[4]: must be an http(s) URL or \"builtin\" (got 'ftp://x')",
+    ]
+
+
+def test_an_empty_list_or_a_list_of_not_strings_is_one_clear_problem(folder: Path) -> None:
+    assert problems_of(write_job(folder, [])) == [
+        f"{folder / 'job.toml'}: endpoint.api_base: must name at least one replica (got [])"
+    ]
+    assert problems_of(write_job(folder, ["http://127.0.0.1:8001/inference", 4])) == [  # type: ignore[list-item]
+        f"{folder / 'job.toml'}: endpoint.api_base[1]: must be a URL (a string) (got 4)"
+    ]
+    assert problems_of(write_job(folder, 3)) == [  # type: ignore[arg-type]
+        f"{folder / 'job.toml'}: endpoint.api_base: must be a URL or a list of URLs (got 3)"
+    ]
+
+
+def test_validate_shows_the_replicas_and_that_concurrency_is_per_replica(folder: Path) -> None:
+    urls = ["http://127.0.0.1:8001/inference", "http://127.0.0.1:8002/inference"]
+    result = invoke("validate", str(write_job(folder, urls, run={"concurrency": 4})))
+    assert result.exit_code == 0, result.output
+    assert f"endpoint:     2 replicas: {urls[0]}, {urls[1]} model" in result.output
+    assert "at most 4 in flight per replica" in result.output

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchrun.admission import AttemptResult, FixedAdmission, Stopping
+from batchrun.admission import AttemptResult, FixedLimit, RateGate, Stopping
 from batchrun.checkpoint import RESULT_SCHEMA, RunState, SegmentFile, SegmentInfo
 from batchrun.echoed import merge_kind, params_types
 from batchrun.errors import OutageError
+from batchrun.fleet import Fleet
 from batchrun.preflight import _pattern_matches
 from batchrun.report import RunSummary, counts_of, set_counts
 from batchrun.retry import INVALID, OutageVerdict, RetryPolicy, parse_retry_after
@@ -82,26 +83,45 @@ def test_a_batch_giving_up_is_an_outage_until_the_endpoint_has_answered_this_job
 # --- admission ------------------------------------------------------------------------------------
 
 
-def test_a_429_settled_pauses_every_later_admission_for_its_retry_after() -> None:
-    async def main() -> tuple[float, float]:
-        gate = FixedAdmission(8, None, None, 4, RetryPolicy(max_retries=1, base_s=0.0, cap_s=0.0))
-        first = await gate.admit(4)
-        gate.settle(AttemptResult(4, 0.01, "http_429", retry_after=0.3))
-        gate.settle(AttemptResult(4, 0.01, "http_503", retry_after=9.0))  # only 429 pauses everyone
-        return first, await gate.admit(4)
+def test_a_429_pauses_its_replica_for_its_retry_after_and_only_that_replica() -> None:
+    """One replica: the next attempt waits out the Retry-After. Two: the next goes to the other
+    replica at once, and the paused one is used again once its pause is over."""
+    policy = RetryPolicy(max_retries=1, base_s=0.0, cap_s=0.0)
 
-    first, paused = asyncio.run(main())
+    async def one() -> tuple[float, float]:
+        fleet = Fleet.single("http://a", policy, 8)
+        first = await fleet.admit(4)
+        fleet.settle(first, AttemptResult(4, 0.01, "http_429", retry_after=0.3))
+        second = await fleet.admit(4)
+        return first.waited_s, second.waited_s
+
+    first, paused = asyncio.run(one())
     assert first < 0.05
     assert 0.25 <= paused < 2.0
+
+    async def two() -> None:
+        fleet = Fleet(["http://a", "http://b"], [FixedLimit(8), FixedLimit(8)], policy)
+        ticket = await fleet.admit(4)
+        refused = ticket.replica
+        fleet.settle(ticket, AttemptResult(4, 0.01, "http_503", retry_after=0.3))
+        others = [await fleet.admit(4) for _ in range(3)]
+        assert all(t.replica is not refused and t.waited_s < 0.05 for t in others)
+        for t in others:
+            fleet.settle(t, AttemptResult(4, 0.01))
+        await asyncio.sleep(0.35)
+        seen = {(await fleet.admit(4)).replica.base for _ in range(6)}
+        assert seen == {"http://a", "http://b"}  # the pause is over: both take work
+
+    asyncio.run(two())
 
 
 def test_a_request_rate_spaces_admissions_evenly_from_the_first_second() -> None:
     async def main() -> float:
-        gate = FixedAdmission(8, 600, None, 4)  # one every 0.1 s
+        fleet = Fleet.single("http://a", RetryPolicy(0, 1.0, 60.0), 8, rate=RateGate(600, None, 4))  # one every 0.1 s
         started = time.monotonic()
         for _ in range(6):
-            await gate.admit(4)
-            gate.settle(AttemptResult(4, 0.0))
+            ticket = await fleet.admit(4)
+            fleet.settle(ticket, AttemptResult(4, 0.0))
         return time.monotonic() - started
 
     assert asyncio.run(main()) >= 0.45  # the first is free, five more at 0.1 s each (the bucket holds one)
@@ -112,26 +132,27 @@ def test_admission_holds_at_most_its_slots_in_flight_and_settle_frees_them() -> 
     an attempt settles, and a stop while waiting leaves every slot as it was."""
 
     async def main() -> None:
-        gate = FixedAdmission(2, None, None, 4)
-        assert gate.max_in_flight == 2
-        await gate.admit(4)
-        await gate.admit(4)
-        third = asyncio.ensure_future(gate.admit(4))
+        fleet = Fleet.single("http://a", RetryPolicy(0, 1.0, 60.0), 2)
+        assert fleet.max_in_flight == 2
+        first = await fleet.admit(4)
+        second = await fleet.admit(4)
+        third = asyncio.ensure_future(fleet.admit(4))
         await asyncio.sleep(0.05)
         assert not third.done()
-        gate.settle(AttemptResult(4, 0.01))
-        await asyncio.wait_for(third, 1)
+        fleet.settle(first, AttemptResult(4, 0.01))
+        third_ticket = await asyncio.wait_for(third, 1)
         stop = asyncio.Event()
-        fourth = asyncio.ensure_future(gate.admit(4, stop))
+        fourth = asyncio.ensure_future(fleet.admit(4, stop))
         await asyncio.sleep(0.05)
         assert not fourth.done()
         stop.set()
         with pytest.raises(Stopping):
             await asyncio.wait_for(fourth, 1)
-        gate.settle(AttemptResult(4, 0.01))
-        gate.settle(AttemptResult(4, 0.01, "not_sent"))
-        await asyncio.wait_for(gate.admit(4), 1)  # the stopped wait took nothing
-        await asyncio.wait_for(gate.admit(4), 1)
+        fleet.settle(second, AttemptResult(4, 0.01))
+        fleet.settle(third_ticket, AttemptResult(4, 0.01, "not_sent"))
+        await asyncio.wait_for(fleet.admit(4), 1)  # the stopped wait took nothing
+        await asyncio.wait_for(fleet.admit(4), 1)
+        assert fleet.replicas[0].in_flight == 2
 
     asyncio.run(main())
 

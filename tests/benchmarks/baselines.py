@@ -338,10 +338,15 @@ def batchrun_run(job: Path, split: bool, digest: bool = False) -> None:
     t0 = time.monotonic()
     first_done: list[int] = []
 
+    limits: list[tuple[float, int]] = []  # with concurrency = "auto": (seconds, limit) at each change
+
     def on_progress(p: Any) -> None:
         if not first_done:
             first_done.append(p.done)
-        samples.append((time.monotonic() - t0, p.sent))
+        now = time.monotonic() - t0
+        samples.append((now, p.sent))
+        if p.limit is not None and (not limits or limits[-1][1] != p.limit):
+            limits.append((round(now, 3), p.limit))
 
     cpu0 = cpu_now()
     summary = run_job(job, on_progress=on_progress, restart=True)
@@ -359,7 +364,9 @@ def batchrun_run(job: Path, split: bool, digest: bool = False) -> None:
     report(
         "batchrun", summary.rows_answered_this_run, work_s, cpu, samples,
         status=summary.status, requests=summary.requests, prompts_resent=summary.prompts_resent,
-        finish_s=sum(finish),
+        finish_s=sum(finish), failed=summary.failed, retries_by_cause=summary.retries_by_cause,
+        concurrency_limit=summary.concurrency_limit, concurrency_cuts=summary.concurrency_cuts,
+        limits=limits or None,
         split=dict(sorted(_SPLIT.items(), key=lambda kv: -kv[1])) if split else None, **extra,
     )
 
