@@ -272,6 +272,15 @@ class LiveEndpoint:
 
     ``api_keys``: when set, a request without ``Authorization: Bearer <one of them>`` is refused
     with ``refuse_status`` before any rule applies. ``ssl_context`` serves https instead.
+
+    ``port``: 0 (the default) takes a free port; a fixed one serves there. ``kill()`` takes the
+    endpoint down abruptly, as a crashed replica goes: the listener is closed (new connections
+    are refused) and every open connection is aborted (requests in flight get no answer);
+    ``restart()`` serves again on the same port, with the same app, rule, ``stats`` and ``log``
+    (so counts run on across the outage; ``killed_at``/``restarted_at`` say when, in
+    ``time.monotonic``, to tell arrivals before and after apart). ``delay_s``: seconds every POST
+    waits before it is answered (or faulted), on top of the app's latency; a test may change it
+    mid-run to slow a replica down and keep a run going until something it waits for happens.
     """
 
     def __init__(
@@ -287,8 +296,10 @@ class LiveEndpoint:
         api_keys: Iterable[str] | None = None,
         refuse_status: int = 401,
         ssl_context: ssl.SSLContext | None = None,
+        port: int = 0,
     ):
         self.options = options or server.ServerOptions()
+        self.port = port
         self.rule = rule
         self.retry_after = retry_after
         self.retry_after_date_s = retry_after_date_s
@@ -305,7 +316,12 @@ class LiveEndpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._numbers = itertools.count(1)
+        self.delay_s = 0.0
+        self.killed_at: float | None = None
+        self.restarted_at: float | None = None
 
     @property
     def openai_base(self) -> str:
@@ -329,6 +345,42 @@ class LiveEndpoint:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
+    def kill(self) -> None:
+        """Go down at once, as a replica whose process died: refuse new connections and abort
+        every open one (no answer to requests in flight). The loop and the app stay, so
+        ``restart()`` can serve again on the same port."""
+        self._call(self._take_down())
+        self.killed_at = time.monotonic()
+
+    def restart(self) -> None:
+        """Serve again on the port the endpoint had, after ``kill()``."""
+        self._call(self._listen())
+        self.restarted_at = time.monotonic()
+
+    @property
+    def serving(self) -> bool:
+        return self._site is not None
+
+    def _call(self, coro) -> None:
+        assert self._loop is not None, "the endpoint is not running"
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _take_down(self) -> None:
+        assert self._site is not None and self._runner is not None, "the endpoint is already down"
+        site, self._site = self._site, None
+        await site.stop()  # the listener: a connect now is refused
+        assert self._runner.server is not None
+        for handler in self._runner.server.connections:  # the connections it had accepted
+            if handler.transport is not None:
+                handler.transport.abort()
+
+    async def _listen(self) -> None:
+        assert self._site is None and self._runner is not None, "the endpoint is already serving"
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
+        await site.start()
+        self._site = site
+        self.port = self._runner.addresses[0][1]  # the one bound, when asked for port 0
+
     def _serve(self) -> None:
         asyncio.run(self._main())
 
@@ -342,11 +394,10 @@ class LiveEndpoint:
         # flight when its connection closes, so max_in_flight measures the client's concurrency.
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
-        await site.start()
-        port = runner.addresses[0][1]
+        self._runner = runner
+        await self._listen()
         scheme = "https" if self.ssl_context else "http"
-        self.url = f"{scheme}://127.0.0.1:{port}/inference"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/inference"
         self._ready.set()
         try:
             await self._stop.wait()
@@ -372,6 +423,8 @@ class LiveEndpoint:
         log.max_batch = max(log.max_batch, len(prompts))
         log.prompts_received.extend(prompts)
         try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             kind = self._choose(arrival.n, prompts, request)
             arrival.fault = kind
             if kind is None:
