@@ -135,7 +135,8 @@ def test_a_refused_connection_takes_a_replica_out_at_once_and_a_probe_brings_it_
         clock.now += PROBE_FIRST_S * 1.3
         probe = await fleet.admit(16)
         assert probe.replica is a and probe.probe
-        assert fail(probe, fleet, "connection", connect=True) is False  # a failed probe: out again, longer
+        # A failed probe: out again, for longer; its rows go to b without losing an attempt.
+        assert fail(probe, fleet, "connection", connect=True) is True
         assert a.state == OUT and a.probe_backoff == 2 * PROBE_FIRST_S and a.times_out == 1
         clock.now += 2 * PROBE_FIRST_S * 1.3
         probe = await fleet.admit(16)
