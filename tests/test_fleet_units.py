@@ -242,3 +242,42 @@ def test_a_probe_whose_batch_is_refused_alone_or_aborted_leaves_the_replica_to_b
         assert a.state == IN
 
     asyncio.run(main())
+
+
+def test_a_retry_waits_for_another_replica_rather_than_going_back_to_the_one_that_failed_it() -> None:
+    """A replica that fails at once always has the most room; the retry must still go elsewhere,
+    and an attempt behind it that avoids nothing is not held up meanwhile."""
+
+    async def main() -> None:
+        fleet = fleet_of(1, 1)
+        a, b = fleet.replicas
+        first = await fleet.admit(16, avoid=b)
+        held = await fleet.admit(16)
+        assert (first.replica, held.replica) == (a, b)
+        fail(first, fleet, "http_500")  # a is free again, b is full
+        retry = asyncio.ensure_future(fleet.admit(16, avoid=a))
+        fresh = asyncio.ensure_future(fleet.admit(16))
+        await asyncio.sleep(0.01)
+        assert not retry.done() and fresh.done() and fresh.result().replica is a
+        ok(held, fleet)
+        assert (await asyncio.wait_for(retry, 1)).replica is b
+
+    asyncio.run(main())
+
+
+def test_a_batch_out_of_attempts_on_a_refused_connection_is_an_outage_only_when_no_replica_is_left() -> None:
+    async def main() -> None:
+        fleet = fleet_of(2, 2)
+        a, b = fleet.replicas
+        t = await fleet.admit(16, avoid=b)
+        fleet.settle(t, AttemptResult(16, 0.1, "connection"))
+        fleet.give_up(t, "connection", "refused", True)  # b still serves: rows fail, retried next run
+        assert a.state == OUT and b.state == IN
+        t = await fleet.admit(16)
+        assert t.replica is b
+        fleet.settle(t, AttemptResult(16, 0.1, "connection"))
+        with pytest.raises(OutageError, match=r"^every replica is out of rotation \(http://r0: connection: refused; "
+                                              r"http://r1: connection: refused\); stopped early with progress kept"):
+            fleet.give_up(t, "connection", "refused", True)
+
+    asyncio.run(main())
