@@ -53,6 +53,7 @@ def main() -> None:
       batchrun validate JOB.toml   check a job and print its plan; sends nothing
       batchrun status JOB.toml     show progress and the last run; sends nothing
       batchrun merge JOB.toml      write the output of a sharded job
+      batchrun tune JOB.toml       find the fastest batch size and concurrency; writes nothing
       batchrun serve               run the reference endpoint
     """
 
@@ -249,6 +250,39 @@ def validate(job: Path, overwrite: bool, debug: bool) -> None:
     ]
     click.echo("\n".join(lines))
     click.echo("batchrun: job is valid")
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--sample", type=click.IntRange(1, 100_000), default=256, show_default=True,
+              help="Prompts read from the start of the input and sent, over and over (never written).")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="The largest batch size tried.")
+@click.option("--max-concurrency", type=click.IntRange(1, 1024), default=64, show_default=True,
+              help="The most requests in flight tried.")
+@click.option("--point-s", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="The longest one setting is measured, in seconds.")
+@click.option("--budget-s", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="The longest the whole tune sends, in seconds.")
+@click.option("--replica", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Which of the job's endpoint URLs to tune (1-based); concurrency is per replica.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def tune(
+    job: Path, sample: int, max_batch: int, max_concurrency: int, point_s: float, budget_s: float, replica: int,
+    as_json: bool, debug: bool,
+) -> None:
+    """Send a sample of JOB's prompts at climbing batch sizes and concurrencies; recommend the fastest
+    setting that ran without errors. Writes nothing."""
+    _setup_logging(False, debug)
+    from .tune import TuneOptions, tune_job
+
+    options = TuneOptions(sample, max_batch, max_concurrency, point_s, budget_s, replica)
+    result = _boundary(debug, tune_job, job, options)
+    click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True) if as_json else "\n".join(result.lines()))
+    if result.recommended is None:
+        _Console().error("no setting ran without errors, so none is recommended; is the endpoint overloaded?")
+        sys.exit(4)
 
 
 @main.command()
