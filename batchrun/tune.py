@@ -9,7 +9,7 @@ not the job's output, not its progress; answers are counted and dropped.
 Each grid point is measured in steady state. Its workers join one per answer landed (a step from
 concurrency C to 2C adds one request each time one lands, as TCP's slow start does), so a server
 that cannot take the new load meets one request too many, not a burst of them; once every worker
-is running, the point counts the requests started until ``max(2C, sample / B)`` of them have
+is running, the point counts the requests started until ``max(4C, sample / B)`` of them have
 started (or ``point_s`` has passed), and its rate is the prompts those requests answered over
 that span. Latency is per request, over the requests answered in full.
 
@@ -17,7 +17,9 @@ The climb at one batch size stops at the first point that
 - had any failed request (429, 5xx, timeout, connection, an invalid answer): sending stops at the
   first failure, and no higher concurrency is tried;
 - answered fewer than 5% more prompts/s than the point before it;
-- had a p95 latency above 3x the lowest p95 seen at this batch size (the server is queueing).
+- had a median latency above 3x the lowest median seen at this batch size (the server is
+  queueing). The median, not the p95: a point's p95 is one of its last few requests, and one
+  hiccup (a pause of the host, not the server) would end a climb.
 
 The whole tune stops when a batch size fails at concurrency 1 (larger batches would fare no
 better), when a batch size's best is more than 25% below the best of smaller ones (clearly
@@ -71,7 +73,7 @@ __all__ = ["GridPoint", "Stop", "TuneOptions", "TuneResult", "read_sample_prompt
 _PROTOCOL_MAX_BATCH = {"openai-chat": 1}
 _MAX_BATCH = 4096
 GAIN = 0.05  # a step must answer this much more (relative) to be worth climbing past
-LATENCY_BLOWUP = 3.0  # p95 over this multiple of the lowest p95 at the batch size: queueing
+LATENCY_BLOWUP = 3.0  # p50 over this multiple of the lowest p50 at the batch size: queueing
 SLOWER = 0.25  # a batch size whose best is this much below the best so far ends the tune
 _MAX_ERRORS = 20  # failed requests in a whole tune before it stops climbing altogether
 
@@ -81,7 +83,7 @@ class Stop(enum.StrEnum):
 
     ERRORS = "errors"  # a request failed: sending stopped at once
     FLAT = "flat"  # prompts/s grew by less than GAIN over the step before
-    LATENCY = "latency"  # p95 beyond LATENCY_BLOWUP x the lowest p95 at this batch size
+    LATENCY = "latency"  # p50 beyond LATENCY_BLOWUP x the lowest p50 at this batch size
     TOP = "max_concurrency"  # the top of the grid
     BUDGET = "budget"  # the time budget ran out
     LOST = "lost"  # the endpoint stopped accepting connections
@@ -252,12 +254,12 @@ def grid_batch_sizes(spec: JobSpec, max_batch: int, sample: int) -> list[int]:
     return _doubling(max(1, min(max_batch, _PROTOCOL_MAX_BATCH.get(spec.protocol, _MAX_BATCH), sample)))
 
 
-def stop_reason(point: GridPoint, before: GridPoint | None, lowest_p95: float | None) -> Stop | None:
+def stop_reason(point: GridPoint, before: GridPoint | None, lowest_p50: float | None) -> Stop | None:
     """Why the climb at ``point``'s batch size stops here (None: climb on). ``before`` is the
-    point one step lower; ``lowest_p95`` the lowest p95 seen at this batch size, this one included."""
+    point one step lower; ``lowest_p50`` the lowest p50 seen at this batch size, this one included."""
     if point.errors:
         return Stop.ERRORS
-    if point.p95_s is not None and lowest_p95 is not None and point.p95_s > LATENCY_BLOWUP * lowest_p95:
+    if point.p50_s is not None and lowest_p50 is not None and point.p50_s > LATENCY_BLOWUP * lowest_p50:
         return Stop.LATENCY
     if before is not None and point.prompts_per_s < (1 + GAIN) * before.prompts_per_s:
         return Stop.FLAT
@@ -354,13 +356,13 @@ async def _tune(spec: JobSpec, access: Access, target: str, prompts: list[str], 
                         f"the endpoint did not answer the first request (batch_size {b}, concurrency {c}) "
                         f"at {shown}: {cause}: {reason}"
                     )
-                if point.p95_s is not None and not point.errors:
-                    lowest = point.p95_s if lowest is None else min(lowest, point.p95_s)
+                if point.p50_s is not None and not point.errors:
+                    lowest = point.p50_s if lowest is None else min(lowest, point.p50_s)
                 why = stop_reason(point, before, lowest)
-                if why is None and tally.lost is not None:
+                if why is not Stop.ERRORS and tally.lost is not None:
                     why = Stop.LOST
-                elif why is None and time.monotonic() >= deadline:
-                    why = Stop.BUDGET
+                elif why is not Stop.ERRORS and time.monotonic() >= deadline:
+                    why = Stop.BUDGET  # cut short: its figures say little about the step
                 elif why is None and c == concurrencies[-1]:
                     why = Stop.TOP
                 point = dataclasses.replace(point, stop=why)
@@ -420,7 +422,7 @@ async def _measure(
     state = {"landed": 0, "running": 0, "window": 0, "next": 0}
     ramp_end: list[float] = []  # set once every worker runs
     closed: list[float] = []  # when sending stopped
-    target = max(2 * c, math.ceil(len(prompts) / b))
+    target = max(4 * c, math.ceil(len(prompts) / b))
     start = time.monotonic()
     # The step before's workers start spread over one of its round trips, so that they do not
     # answer in step (a burst of answers would start a burst of new requests); the new ones join
