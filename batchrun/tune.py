@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import math
 import time
@@ -426,8 +427,8 @@ async def _measure(
     start = time.monotonic()
     # The step before's workers start spread over one of its round trips, so that they do not
     # answer in step (a burst of answers would start a burst of new requests); the new ones join
-    # spread over the next two, each after one more answer has landed, so a server slower than it
-    # was is not flooded and an overload is met by a request or two, not a burst.
+    # over the next two, each after one more answer has landed, so a server slower than it was is
+    # not flooded and an overload is met by a request or two, not a burst.
     warm = max(before.concurrency if before else 0, 1)
     rtt = (before.p50_s or 0.0) if before else 0.0
 
@@ -435,25 +436,33 @@ async def _measure(
         if not closed:
             closed.append(time.monotonic())
 
-    async def worker(i: int) -> None:
+    def answered_or_halted(answers: int) -> bool:
+        return state["landed"] >= answers or halt.is_set()
+
+    async def launch(tg: asyncio.TaskGroup) -> None:
+        # One worker at a time, each gap measured from the start before it: a host too busy to
+        # wake on time starts them late, never in a burst.
+        for i in range(c):
+            gap = 0.0 if i == 0 else rtt / warm if i < warm else 2 * rtt / (c - warm)
+            try:
+                await sleep_unless_stopped(min(gap, max(0.0, deadline - time.monotonic())), halt)
+            except Stopping:
+                return
+            if i >= warm:
+                async with landed:
+                    try:
+                        await asyncio.wait_for(
+                            landed.wait_for(functools.partial(answered_or_halted, i - warm + 1)),
+                            max(0.0, deadline - time.monotonic()),
+                        )
+                    except TimeoutError:
+                        return
+            if halt.is_set() or time.monotonic() >= deadline:
+                return
+            tg.create_task(worker())
+
+    async def worker() -> None:
         nonlocal rejected
-        try:
-            due = i * rtt / warm if i < warm else rtt + 2 * rtt * (i - warm) / (c - warm)
-            await sleep_unless_stopped(min(due, max(0.0, deadline - time.monotonic())), halt)
-        except Stopping:
-            return
-        wait_for = 0 if i < warm else i - warm + 1
-        if wait_for:
-            async with landed:
-                try:
-                    await asyncio.wait_for(
-                        landed.wait_for(lambda: state["landed"] >= wait_for or halt.is_set()),
-                        max(0.0, deadline - time.monotonic()),
-                    )
-                except TimeoutError:
-                    return
-        if halt.is_set() or time.monotonic() >= deadline:
-            return
         state["running"] += 1
         if state["running"] == c:
             ramp_end.append(time.monotonic())
@@ -502,8 +511,7 @@ async def _measure(
 
     try:
         async with asyncio.TaskGroup() as tg:
-            for i in range(c):
-                tg.create_task(worker(i))
+            tg.create_task(launch(tg))
     except BaseExceptionGroup as group:
         # A refused key or a redirect ends the tune as it ends a run: with batchrun's own error.
         ours = group.subgroup(lambda e: isinstance(e, BatchrunError))
