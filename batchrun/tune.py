@@ -26,7 +26,7 @@ better), when a batch size's best is more than 25% below the best of smaller one
 slower, not noise), after
 ``_MAX_ERRORS`` failed requests in all, when the endpoint stops accepting connections, or when
 ``budget_s`` has passed. Requests are never retried (``max_retries = 0``): errors are counted,
-not hidden.
+not hidden. The job's ``requests_per_minute`` and ``prompts_per_minute`` hold as in a run.
 
 The recommendation is the point with the most prompts/s among those without failures (and not
 stopped for latency), preferring the smallest concurrency within 5% of that best: as fast, and
@@ -414,7 +414,8 @@ async def _measure(
     tally: _Tally,
 ) -> GridPoint:
     """Measure one grid point (see the module docstring); stops sending at its first failure."""
-    admission = FixedAdmission(c, None, None, b, policy)
+    # The job's rate limits hold here too: they are promises to the endpoint's owner.
+    admission = FixedAdmission(c, spec.run.requests_per_minute, spec.run.prompts_per_minute, b, policy)
     accounting = Accounting()
     landed = asyncio.Condition()
     halt = asyncio.Event()

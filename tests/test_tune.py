@@ -195,6 +195,30 @@ def test_an_endpoint_failing_the_first_request_exits_4_after_that_one_request(ma
     assert sent == 1
 
 
+def test_a_refused_key_exits_4_saying_so(make_job: MakeJob) -> None:
+    with LiveEndpoint(api_keys={"right"}) as ep:
+        job = make_job(10, url=ep.url, endpoint={"api_key_env": "TUNE_KEY"})
+        done = cli("tune", job.path, "--sample", "4", env={"TUNE_KEY": "wrong"})
+        sent = ep.log.requests
+    assert done.returncode == 4
+    assert done.stderr.startswith("batchrun: error: the endpoint refused the credentials (HTTP 401): check the API key")
+    assert "wrong" not in done.stderr
+    assert sent == 1
+
+
+def test_the_jobs_rate_limit_holds_during_the_tune(make_job: MakeJob) -> None:
+    """600 requests a minute is 10 a second whatever the concurrency: the climb finds no gain."""
+    with LiveEndpoint(ServerOptions(latency_s=0.01)) as ep:
+        job = make_job(20, url=ep.url, run={"requests_per_minute": 600})
+        doc, _ = tuned(job, "--sample", "4", "--max-batch", "1", "--max-concurrency", "8", "--point-s", "1")
+        arrivals = [a.at for a in ep.log.arrivals]
+    rates = [p["prompts_per_s"] for p in doc["points"]]
+    assert all(r < 13 for r in rates), doc
+    assert doc["points"][-1]["stop"] == "flat"
+    span = arrivals[-1] - arrivals[0]
+    assert len(arrivals) <= 10 * span + 2
+
+
 def test_an_invalid_job_exits_2_and_sends_nothing(make_job: MakeJob) -> None:
     with LiveEndpoint() as ep:
         job = make_job(10, url=ep.url, input={"prompt_column": "promt"})
