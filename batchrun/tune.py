@@ -6,12 +6,13 @@ batch sizes 1, 2, 4, ... up to ``max_batch`` (never above the protocol's limit o
 and at each of them concurrencies 1, 2, 4, ... up to ``max_concurrency``. Nothing is written:
 not the job's output, not its progress; answers are counted and dropped.
 
-Each grid point is measured in steady state. Its workers join one per answer landed (a step from
-concurrency C to 2C adds one request each time one lands, as TCP's slow start does), so a server
-that cannot take the new load meets one request too many, not a burst of them; once every worker
-is running, the point counts the requests started until ``max(4C, sample / B)`` of them have
-started (or ``point_s`` has passed), and its rate is the prompts those requests answered over
-that span. Latency is per request, over the requests answered in full.
+Each grid point is measured in steady state. Its workers start one at a time: those of the step
+before spread over one of its round trips (so they do not answer in step), the new ones over the
+next two, each also after one more answer has landed (as TCP's slow start is clocked by acks), so
+a server that cannot take the new load meets a request or two too many, not a burst. Once every
+worker is running, the point counts the requests started until ``max(4C, sample / B)`` of them
+have started (or ``point_s`` has passed), and its rate is the prompts those requests answered
+over that span. Latency is per request, over the requests answered in full.
 
 The climb at one batch size stops at the first point that
 - had any failed request (429, 5xx, timeout, connection, an invalid answer): sending stops at the
@@ -23,9 +24,8 @@ The climb at one batch size stops at the first point that
 
 The whole tune stops when a batch size fails at concurrency 1 (larger batches would fare no
 better), when a batch size's best is more than 25% below the best of smaller ones (clearly
-slower, not noise), after
-``_MAX_ERRORS`` failed requests in all, when the endpoint stops accepting connections, or when
-``budget_s`` has passed. Requests are never retried (``max_retries = 0``): errors are counted,
+slower, not noise), after ``_MAX_ERRORS`` failed requests in all, when the endpoint stops
+accepting connections, or when ``budget_s`` has passed. Requests are never retried (``max_retries = 0``): errors are counted,
 not hidden. The job's ``requests_per_minute`` and ``prompts_per_minute`` hold as in a run.
 
 The recommendation is the point with the most prompts/s among those without failures (and not

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import MakeJob, cli, prompt_rows
+from conftest import MakeJob, cli, prompt_rows, write_job
 from endpoint import LiveEndpoint
 
 from batchrun.server import ServerOptions
@@ -193,6 +196,40 @@ def test_an_endpoint_failing_the_first_request_exits_4_after_that_one_request(ma
     assert "did not answer the first request (batch_size 1, concurrency 1)" in done.stderr
     assert "http_503: HTTP 503" in done.stderr
     assert sent == 1
+
+
+def test_no_clean_setting_exits_4_after_printing_what_was_measured(make_job: MakeJob) -> None:
+    """Every request after the first fails: the tune stops at the first failure (two requests in
+    all), prints its one point, recommends nothing and exits 4."""
+    with LiveEndpoint(rule=lambda n, prompts: "503" if n >= 2 else None) as ep:
+        job = make_job(10, url=ep.url)
+        done = cli("tune", job.path, "--json", "--sample", "4")
+        sent = ep.log.requests
+    assert done.returncode == 4
+    doc = json.loads(done.stdout)
+    assert doc["recommended"] is None
+    assert [(p["batch_size"], p["concurrency"], p["errors_by_class"], p["stop"]) for p in doc["points"]] == [
+        (1, 1, {"http_503": 1}, "errors")
+    ]
+    assert doc["stopped"] == "batch size 1 failed at concurrency 1; larger batches were not tried"
+    assert done.stderr.endswith(
+        "batchrun: error: no setting ran without errors, so none is recommended; is the endpoint overloaded?\n"
+    )
+    assert sent == 2
+
+
+def test_a_template_over_parquet_input_sends_the_rendered_prompts(tmp_path: Path) -> None:
+    """The prompts are built as a run builds them: the template over each row, read from Parquet
+    only as far as the sample reaches."""
+    rows = prompt_rows(5000)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "input.parquet", row_group_size=1000)
+    with LiveEndpoint(ServerOptions(tally_prompts=True)) as ep:
+        job = write_job(tmp_path, ep.url, input_path="input.parquet",
+                        input={"prompt_column": None, "template": "Tell me about {topic}."})
+        done = cli("tune", job, "--json", "--sample", "6", "--max-batch", "2", "--max-concurrency", "2")
+        seen = set(ep.stats.prompts_seen)
+    assert done.returncode == 0, done.stderr
+    assert seen == {f"Tell me about topic {i}." for i in range(6)}
 
 
 def test_a_refused_key_exits_4_saying_so(make_job: MakeJob) -> None:
