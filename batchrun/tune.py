@@ -346,6 +346,8 @@ async def _tune(spec: JobSpec, access: Access, target: str, prompts: list[str], 
             lowest: float | None = None
             for c in concurrencies:
                 if time.monotonic() >= deadline:
+                    if before is not None:  # the point before ended just in time: its climb stops there
+                        points[-1] = dataclasses.replace(before, stop=Stop.BUDGET)
                     break
                 point = await _measure(
                     session, url, spec, access, policy, prompts, b, c, before,
