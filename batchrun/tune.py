@@ -1,7 +1,7 @@
 """``batchrun tune``: find the batch size and concurrency an endpoint serves fastest, gently.
 
 A sample of the job's own prompts (the first ``sample`` prompts of its input, rendered as a run
-renders them) is sent through the run's own client, codec and admission at a grid of settings:
+renders them) is sent through the run's own client, codec and fleet at a grid of settings:
 batch sizes 1, 2, 4, ... up to ``max_batch`` (never above the protocol's limit or the sample),
 and at each of them concurrencies 1, 2, 4, ... up to ``max_concurrency``. Nothing is written:
 not the job's output, not its progress; answers are counted and dropped.
@@ -53,9 +53,10 @@ import aiohttp
 import pyarrow as pa
 
 from . import source
-from .admission import FixedAdmission, Stopping, sleep_unless_stopped
+from .admission import RateGate, Stopping, sleep_unless_stopped
 from .client import REJECTED, Accounting, EndpointClient, RowOutcome, make_session
 from .errors import BatchrunError, EndpointError, JobError, OutageError
+from .fleet import fleet_for
 from .jobchecks import BUILTIN
 from .preflight import Access, read_access
 from .prompts import render_prompts
@@ -338,7 +339,6 @@ async def _tune(spec: JobSpec, access: Access, target: str, prompts: list[str], 
     async with _endpoint(spec, target) as base, make_session(
         concurrencies[-1], spec.timeout_s, access.ssl_context
     ) as session:
-        url = request_url(spec, base)
         shown = target if target != BUILTIN else f"builtin ({base})"
         best_so_far = 0.0
         for b in sizes:
@@ -350,7 +350,7 @@ async def _tune(spec: JobSpec, access: Access, target: str, prompts: list[str], 
                         points[-1] = dataclasses.replace(before, stop=Stop.BUDGET)
                     break
                 point = await _measure(
-                    session, url, spec, access, policy, prompts, b, c, before,
+                    session, base, spec, access, policy, prompts, b, c, before,
                     min(deadline, time.monotonic() + opts.point_s), tally,
                 )
                 if not tally.answered:
@@ -404,7 +404,7 @@ async def _tune(spec: JobSpec, access: Access, target: str, prompts: list[str], 
 
 async def _measure(
     session: aiohttp.ClientSession,
-    url: str,
+    base: str,
     spec: JobSpec,
     access: Access,
     policy: RetryPolicy,
@@ -416,9 +416,14 @@ async def _measure(
     tally: _Tally,
 ) -> GridPoint:
     """Measure one grid point (see the module docstring); stops sending at its first failure."""
-    # The job's rate limits hold here too: they are promises to the endpoint's owner.
-    admission = FixedAdmission(c, spec.run.requests_per_minute, spec.run.prompts_per_minute, b, policy)
-    accounting = Accounting()
+    # One replica with a fixed limit of c, as a run's fleet has it; the job's rate limits hold
+    # here too (they are promises to the endpoint's owner).
+    fleet = fleet_for(
+        [base], c, c, b, policy, RateGate(spec.run.requests_per_minute, spec.run.prompts_per_minute, b),
+        answered_before=tally.answered,
+    )
+    fleet.bind([request_url(spec, base)], [base])
+    accounts: list[Accounting] = []  # one per worker: each call's wait for the rate limits is its own
     landed = asyncio.Condition()
     halt = asyncio.Event()
     requests: list[_Request] = []
@@ -470,10 +475,12 @@ async def _measure(
         if state["running"] == c:
             ramp_end.append(time.monotonic())
         failures = _FailureLog()
+        account = Accounting()
+        accounts.append(account)
         client = EndpointClient(
-            session, url, codec_for(spec), policy, api_key=access.api_key, admission=admission,
-            accounting=accounting, max_response_bytes=spec.max_response_bytes,
-            answered_before=tally.answered, retry_log=failures, headers=access.headers, secrets=access.secrets,
+            session, fleet, codec_for(spec), policy, api_key=access.api_key, accounting=account,
+            max_response_bytes=spec.max_response_bytes, retry_log=failures, headers=access.headers,
+            secrets=access.secrets,
         )
         while True:
             if halt.is_set() or time.monotonic() >= deadline or state["window"] >= target:
@@ -485,7 +492,7 @@ async def _measure(
             in_window = bool(ramp_end)
             state["window"] += in_window
             seen = len(failures.causes)
-            t0 = time.monotonic()
+            t0, waited = time.monotonic(), account.throttle_wait_s
             outcomes: list[RowOutcome | None] = [None] * b
             try:
                 await client.process(batch, outcomes)
@@ -493,7 +500,8 @@ async def _measure(
                 # Answered before: only a connection refused ends here (see OutageVerdict.give_up).
                 if tally.answered:
                     tally.lost = "{}: {}".format(*failures.last)
-            latency = time.monotonic() - t0
+            # The request's own time: a wait for the job's rate limits is not the server's latency.
+            latency = time.monotonic() - t0 - (account.throttle_wait_s - waited)
             answered = sum(1 for o in outcomes if o is not None and o.answer is not None)
             rejected += sum(1 for o in outcomes if o is not None and o.error_class == REJECTED)
             new = failures.causes[seen:]
@@ -522,7 +530,7 @@ async def _measure(
             raise
         raise _first(ours) from None
     close()
-    return _point(b, c, requests, accounting.requests, rejected, start, ramp_end[0] if ramp_end else None, closed[0])
+    return _point(b, c, requests, sum(a.requests for a in accounts), rejected, start, ramp_end[0] if ramp_end else None, closed[0])
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

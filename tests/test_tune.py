@@ -37,10 +37,11 @@ def test_the_recommendation_fills_the_servers_capacity_and_each_climb_ends_at_it
 ) -> None:
     """32 prompt slots and a queue of 8: the best clean setting keeps 16-40 prompts in flight, and
     the server sheds only the request or few that first went past its queue, once per batch size."""
-    options = ServerOptions(latency_s=0.05, capacity_prompts=32, queue_prompts=8, tally_prompts=True)
+    # 100 ms a request: long beside the pauses of a busy host, which would otherwise blur the steps.
+    options = ServerOptions(latency_s=0.1, capacity_prompts=32, queue_prompts=8, tally_prompts=True)
     with LiveEndpoint(options) as ep:
         job = make_job(60, url=ep.url)
-        doc, _ = tuned(job, "--sample", "32", "--max-batch", "4")
+        doc, _ = tuned(job, "--sample", "16", "--max-batch", "4")
         shed = ep.stats.shed
     rec = doc["recommended"]
     assert rec is not None, doc
@@ -58,7 +59,9 @@ def test_the_recommendation_fills_the_servers_capacity_and_each_climb_ends_at_it
     ended_in_errors = sum(1 for points in climbs.values() if points[-1]["stop"] == "errors")
     failed = sum(p["errors"] for p in doc["points"])
     assert failed == shed  # every shed request was counted, and nothing else failed
-    assert shed <= 6 * ended_in_errors, doc
+    # A request or a few past the queue, never a wave: starting 64 at once would shed 24.
+    assert ended_in_errors >= 1
+    assert all(p["errors"] <= 12 for p in doc["points"]), doc
     assert rec["concurrency"] == min(
         p["concurrency"] for p in doc["points"]
         if not p["errors"] and p["stop"] != "latency" and p["prompts_per_s"] >= 0.95 * max(
@@ -267,6 +270,18 @@ def test_an_invalid_job_exits_2_and_sends_nothing(make_job: MakeJob) -> None:
         "(columns: id, topic, prompt); did you mean 'prompt'?\n"
     )
     assert sent == 0
+
+
+def test_replica_chooses_which_of_the_jobs_urls_is_tuned(make_job: MakeJob) -> None:
+    with LiveEndpoint() as first, LiveEndpoint() as second:
+        job = make_job(10, url=[first.url, second.url])
+        doc, _ = tuned(job, "--replica", "2", "--sample", "4", "--max-batch", "2", "--max-concurrency", "2")
+        counts = (first.log.requests, second.log.requests)
+        done = cli("tune", job.path, "--replica", "3")
+    assert doc["endpoint"] == second.url
+    assert counts[0] == 0 and counts[1] > 0
+    assert done.returncode == 2
+    assert done.stderr == f"batchrun: error: {job.path}: --replica 3: endpoint.api_base names 2 URLs\n"
 
 
 def test_a_replica_the_job_does_not_name_exits_2(make_job: MakeJob) -> None:
