@@ -342,6 +342,9 @@ async def _tune(spec: JobSpec, access: Access, target: str, prompts: list[str], 
         shown = target if target != BUILTIN else f"builtin ({base})"
         best_so_far = 0.0
         for b in sizes:
+            # One gate per batch size, shared by its points as a run's requests share one: the
+            # job's rate limits are promises to the endpoint's owner, and hold in a tune too.
+            rate = RateGate(spec.run.requests_per_minute, spec.run.prompts_per_minute, b)
             before: GridPoint | None = None
             lowest: float | None = None
             for c in concurrencies:
@@ -350,7 +353,7 @@ async def _tune(spec: JobSpec, access: Access, target: str, prompts: list[str], 
                         points[-1] = dataclasses.replace(before, stop=Stop.BUDGET)
                     break
                 point = await _measure(
-                    session, base, spec, access, policy, prompts, b, c, before,
+                    session, base, spec, access, policy, rate, prompts, b, c, before,
                     min(deadline, time.monotonic() + opts.point_s), tally,
                 )
                 if not tally.answered:
@@ -408,6 +411,7 @@ async def _measure(
     spec: JobSpec,
     access: Access,
     policy: RetryPolicy,
+    rate: RateGate,
     prompts: list[str],
     b: int,
     c: int,
@@ -416,12 +420,8 @@ async def _measure(
     tally: _Tally,
 ) -> GridPoint:
     """Measure one grid point (see the module docstring); stops sending at its first failure."""
-    # One replica with a fixed limit of c, as a run's fleet has it; the job's rate limits hold
-    # here too (they are promises to the endpoint's owner).
-    fleet = fleet_for(
-        [base], c, c, b, policy, RateGate(spec.run.requests_per_minute, spec.run.prompts_per_minute, b),
-        answered_before=tally.answered,
-    )
+    # One replica with a fixed limit of c, as a run's fleet has it.
+    fleet = fleet_for([base], c, c, b, policy, rate, answered_before=tally.answered)
     fleet.bind([request_url(spec, base)], [base])
     accounts: list[Accounting] = []  # one per worker: each call's wait for the rate limits is its own
     landed = asyncio.Condition()
