@@ -83,47 +83,111 @@ async def cycle(g: Gate, result: AttemptResult) -> None:
     g.settle(result)
 
 
-def test_slow_start_doubles_then_additive_increase_while_latency_stays_flat() -> None:
-    async def main() -> None:
-        g, clock = gate()
-        assert (g.current_limit, g.slow_start) == (2, True)
-        for _ in range(10):
-            await cycle(g, answered())
-        assert g.current_limit == 12  # +1 per answer in slow start
-        assert g.in_flight == 0
-        await cycle(g, AttemptResult(16, 0.1, "http_503"))
-        assert (g.current_limit, g.slow_start) == (6, False)  # halved, slow start over
-        before = g.limit
-        for _ in range(12):
-            await cycle(g, answered())
-        assert before + 1.5 < g.limit < before + 2.5  # about +1/limit per answer
-        assert g.cuts == 1
+class Slots:
+    """A closed loop on a fake clock: a server with ``slots`` requests served side by side at
+    ``base_s`` each, first come first served; past them a request waits its turn (latency grows,
+    prompts/s stays flat), as the reference endpoint's capacity model does. The limit is kept full,
+    as the client keeps it; every answer is fed to ``observe`` as it lands."""
 
-    asyncio.run(main())
+    def __init__(self, limit: AimdLimit, slots: int, base_s: float = 0.1):
+        self.limit, self.base = limit, base_s
+        self.free = [0.0] * slots  # when each slot is next free
+        self.now = 0.0
+        self.flying: list[tuple[float, float]] = []  # (lands at, sent at)
+        self.answered = 0
+
+    def run(self, seconds: float) -> list[int]:
+        """Run for ``seconds``; the limit after each answer."""
+        seen: list[int] = []
+        end = self.now + seconds
+        while self.now < end:
+            while len(self.flying) < self.limit.current:
+                slot = min(range(len(self.free)), key=self.free.__getitem__)
+                self.free[slot] = max(self.now, self.free[slot]) + self.base
+                self.flying.append((self.free[slot], self.now))
+            self.flying.sort()
+            lands, sent = self.flying.pop(0)
+            self.now = lands
+            self.limit.observe(AttemptResult(16, lands - sent), self.now, True)
+            self.answered += 1
+            seen.append(self.limit.current)
+        return seen
 
 
-def test_overload_cuts_once_per_round_trip_and_a_latency_rise_cuts_by_a_tenth() -> None:
-    async def main() -> None:
-        g, clock = gate(initial=40)
-        for _ in range(3):
-            await cycle(g, answered(0.1))
-        limit = g.limit
-        await cycle(g, AttemptResult(16, 0.1, "http_429"))
-        await cycle(g, AttemptResult(16, 0.1, "timeout"))  # the same round trip: no second cut
-        assert g.limit == pytest.approx(limit * 0.5) and g.cuts == 1
-        clock.now += 1.0
-        await cycle(g, AttemptResult(16, 0.1, "http_503"))
-        assert g.limit == pytest.approx(limit * 0.5 * 0.75) and g.cuts == 2
-        clock.now += 1.0
-        cut = g.limit
-        for _ in range(8):  # latency doubled: the server queues
-            await cycle(g, answered(0.25))
-        assert g.limit == pytest.approx(cut * 0.9) and g.cuts == 3  # once: the rest in the same round trip
-        await cycle(g, AttemptResult(16, 0.1, "invalid_response"))
-        await cycle(g, AttemptResult(3, 0.01))  # a small batch: not a latency sample
-        assert g.cuts == 3
+def test_slow_start_climbs_while_throughput_grows_and_settles_within_half_again_of_the_knee() -> None:
+    """On a server with 8 slots, prompts/s grows up to 8 in flight and is flat beyond (latency
+    grows): the limit climbs by half a round trip while each epoch gains, leaves slow start when
+    throughput stops growing, and settles between the knee and the ceiling (1.5 times the best
+    epoch's in-flight), with no cut needed to get there and no drift upward over time."""
+    limit = AimdLimit(64, 16)
+    server = Slots(limit, slots=8)
+    assert (limit.current, limit.slow_start) == (2, True)
+    early = server.run(1.0)
+    assert max(early) > 2  # it climbed
+    seen = server.run(30.0)
+    assert not limit.slow_start
+    assert 8 <= limit.best_in_flight <= 10
+    assert limit.ceiling == pytest.approx(1.5 * limit.best_in_flight)
+    late = seen[len(seen) // 2:]
+    assert min(late) >= 8 and max(late) <= limit.ceiling + 1  # at the knee, never past the ceiling
+    assert limit.cuts == 0
 
-    asyncio.run(main())
+
+def test_a_limit_above_the_ceiling_with_no_gain_comes_down_by_tenths_never_below_it() -> None:
+    """Latency alone does not move the limit below the ceiling (a batching server answers each
+    request more slowly with more in flight while answering more prompts). A limit far above it
+    (set by hand here: latency four times the lowest, no gain) comes down by a tenth at most once
+    a round trip, never below the ceiling."""
+    limit = AimdLimit(64, 16)
+    server = Slots(limit, slots=8)
+    server.run(20.0)
+    ceiling = limit.ceiling
+    assert 8 <= limit.current <= ceiling + 1 and limit.cuts == 0
+    limit.limit = 40.0
+    seen = server.run(10.0)
+    assert limit.cuts >= 4 and limit.current <= 24  # came down by cuts
+    assert min(seen) >= int(ceiling)
+    drops = [a - b for a, b in zip(seen, seen[1:]) if b < a]
+    assert drops and all(d <= 4 for d in drops)  # a tenth at a time, not a collapse
+
+
+def test_overload_cuts_once_per_burst_halving_in_slow_start_and_brings_the_ceiling_down_to_the_limit() -> None:
+    fresh = AimdLimit(64, 16, initial=16)
+    assert fresh.slow_start and fresh.observe(AttemptResult(16, 0.1, "http_429"), 1.0, True)
+    assert fresh.current == 8 and not fresh.slow_start  # halved in slow start
+    limit = AimdLimit(64, 16)
+    server = Slots(limit, slots=64)
+    server.run(2.0)  # climbing on a server this large, past slow start
+    assert not limit.slow_start and limit.current >= 16 and limit.ceiling > limit.limit
+    start = limit.limit
+    now = server.now
+    limit.observe(AttemptResult(16, 0.1, "http_429"), now, True)
+    assert limit.limit == pytest.approx(start * 0.75) and limit.cuts == 1
+    # Answers to requests sent before the cut are not news: no second cut.
+    assert limit.observe(AttemptResult(16, 0.1, "timeout"), now, False) is False
+    assert limit.limit == pytest.approx(start * 0.75) and limit.cuts == 1
+    # One sent after it and still refused: a quarter off again.
+    assert limit.observe(AttemptResult(16, 0.1, "http_503"), now + 1, True) is True
+    assert limit.limit == pytest.approx(start * 0.75**2) and limit.cuts == 2
+    assert limit.ceiling == pytest.approx(limit.limit)  # probes no higher than where refused
+    # Neither a failure that says nothing of load nor a small batch is a cut.
+    limit.observe(AttemptResult(16, 0.1, "invalid_response"), now + 2, True)
+    limit.observe(AttemptResult(3, 0.01), now + 2, True)
+    assert limit.cuts == 2
+
+
+def test_a_cut_at_the_floor_of_one_is_not_counted() -> None:
+    limit = AimdLimit(64, 16, initial=1)
+    assert limit.observe(AttemptResult(16, 0.1, "http_503"), 10.0, True) is False
+    assert limit.current == 1 and limit.cuts == 0
+
+
+def test_reset_forgets_throughput_and_starts_slow_again() -> None:
+    limit = AimdLimit(64, 16)
+    Slots(limit, slots=8).run(10.0)
+    assert limit.best_rate > 0 and not limit.slow_start
+    limit.reset()
+    assert (limit.current, limit.slow_start, limit.best_rate, limit.best_in_flight) == (2, True, 0.0, 0.0)
 
 
 def test_admit_waits_for_room_under_the_limit_and_a_stopped_wait_holds_nothing() -> None:
