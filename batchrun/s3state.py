@@ -70,6 +70,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -133,7 +134,8 @@ class S3RunState:
         self.opts = options or S3StateOptions()
         self._base = f"{root.bucket}/{root.key}".rstrip("/")
         self._scratch: Path | None = None
-        self._carry_local: Path | None = None
+        self._carry_local: Path | None = None  # the carry object's local copy, once looked for
+        self._carry_looked = False
         self._journal: dict[int, list[str]] = {}  # lines not yet uploaded, by segment
         self._journal_lock = threading.Lock()
         self._writer = uuid.uuid4().hex[:12]  # names this store's journal objects
@@ -384,6 +386,9 @@ class S3RunState:
     def _scratch_dir(self) -> Path:
         if self._scratch is None or not self._scratch.exists():
             self._scratch = Path(tempfile.mkdtemp(prefix=f"{self._scratch_prefix()}{os.getpid()}-"))
+            # Removed when this object goes or the interpreter exits; after a kill, by the next
+            # run's clear_leftovers.
+            weakref.finalize(self, shutil.rmtree, self._scratch, True)
         return self._scratch
 
     def _scratch_prefix(self) -> str:
@@ -433,11 +438,21 @@ class S3RunState:
 
     # -- carry (incremental runs by id) ----------------------------------------------------------
     def _carry_copy(self) -> Path | None:
-        """The carry object as a local file, fetched once (reads then never touch the network)."""
-        if self._carry_local is None or not self._carry_local.exists():
+        """The carry object as a local file, looked for once and fetched once (reads of it then
+        never touch the network); None when there is none."""
+        if self._carry_looked and (self._carry_local is None or self._carry_local.exists()):
+            return self._carry_local
+        self._carry_looked, self._carry_local = True, None
+        key = self._key("carry.parquet")
+        if self._exists(key):
             dest = self._scratch_dir() / "carry.parquet"
-            self._carry_local = dest if self._download(self._key("carry.parquet"), dest) else None
+            self._carry_local = dest if self._download(key, dest) else None
         return self._carry_local
+
+    def _forget_carry(self) -> None:
+        if self._carry_local is not None:
+            self._carry_local.unlink(missing_ok=True)
+        self._carry_looked, self._carry_local = False, None
 
     def read_carry(self, start: int, stop: int) -> pa.Table | None:
         """Answers carried from a previous input for new rows ``[start, stop)``."""
@@ -455,9 +470,7 @@ class S3RunState:
 
     def drop_carry(self) -> None:
         self._delete(self._key("carry.parquet"))
-        if self._carry_local is not None:
-            self._carry_local.unlink(missing_ok=True)
-            self._carry_local = None
+        self._forget_carry()
 
     def has_carry(self) -> bool:
         return self._exists(self._key("carry.parquet"))
@@ -476,9 +489,7 @@ class S3RunState:
 
     def write_carry(self, table: pa.Table) -> None:
         self._put(self._key("carry.parquet"), _parquet(table, row_group_size=CARRY_ROW_GROUP), "carry")
-        if self._carry_local is not None:
-            self._carry_local.unlink(missing_ok=True)
-            self._carry_local = None
+        self._forget_carry()
 
     # -- plan -----------------------------------------------------------------------------------
     def read_plan(self) -> Plan | None:
