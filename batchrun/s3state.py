@@ -87,6 +87,7 @@ from .checkpoint import CARRY_ROW_GROUP, OUTPUTS_KEPT, DamagedStateError
 from .errors import BusyError, StorageError
 from .localfs import crashpoint, output_temps, process_ended, remove_stale_temps, write_checked
 from .plan import Plan
+from .s3store import run_to_end
 from .segments import RESULT_SCHEMA, SegmentFile, SegmentInfo, read_checked
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class S3RunState:
         self.root = root
         self.fs = filesystem
         self.opts = options or S3StateOptions()
-        self._base = f"{root.bucket}/{root.key}".rstrip("/")
+        self._base = root.fs_path.rstrip("/")
         self._scratch: Path | None = None
         self._carry_local: Path | None = None  # the carry object's local copy, once looked for
         self._carry_looked = False
@@ -197,7 +198,10 @@ class S3RunState:
             out.write(data)
             out.close()
 
-        self._call("write", key, put, retry=retry)
+        # In a thread of its own: a signal's InterruptedRun, raised in the main thread only,
+        # then lands after the upload, never between the stream's opening and its one write
+        # (the stream, dropped empty, would publish an empty object).
+        self._call("write", key, lambda: run_to_end(put), retry=retry)
         if kind is not None:
             crashpoint(f"{kind}:renamed")
 
@@ -274,8 +278,12 @@ class S3RunState:
             _HELD.setdefault(key, set()).add(token)
         try:
             self._acquire(key, token, wait)
+        except (BusyError, StorageError):
+            _forget(key, token)
+            raise
         except BaseException:
             _forget(key, token)
+            self._release(key, token)  # interrupted while taking it: do not leave it behind
             raise
         if name.startswith("lock.shard-"):
             # Leases are deleted on release; shard_count needs to know the shards ever run.
@@ -697,8 +705,12 @@ def _storage_error(op: str, key: str, exc: OSError, attempts: int) -> StorageErr
         value = os.environ.get(var)
         if value:
             reason = reason.replace(value, "***")
-    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-    return StorageError(f"cannot {op} s3://{key}: {reason}{tries}; check the store and run the same command")
+    if _TRANSIENT.search(text):
+        return StorageError(
+            f"cannot {op} s3://{key}: the store did not answer ({reason}; {attempts} attempts); "
+            "progress so far is kept: check that the store is up and run the same command"
+        )
+    return StorageError(f"cannot {op} s3://{key}: {reason}")
 
 
 # -- leases ----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Run (or merge) a job with its run state on S3, in a process of its own: what ``batchrun JOB.toml``
 does once the job file takes an ``s3://`` state_dir (the config wiring is not in this branch).
 
-    python tests/s3state_job.py JOB.toml --state s3://bucket/prefix --endpoint 127.0.0.1:PORT
+    python tests/s3state_job.py JOB.toml --state s3://bucket/prefix --endpoint http://127.0.0.1:PORT
         [--shard I/N] [--merge]
 
 Credentials come from the AWS variables of the environment. Prints the run's summary as JSON;
@@ -14,12 +14,10 @@ import argparse
 import json
 import sys
 
-from pyarrow import fs
-
 from batchrun import preflight, report, runner, storage
 from batchrun.errors import BatchrunError
 from batchrun.s3state import S3RunState, S3StateOptions
-from batchrun.s3store import S3Path
+from batchrun.s3store import S3Path, s3_filesystem
 from batchrun.storage import ProgressStore
 
 
@@ -31,7 +29,7 @@ def main() -> int:
     parser.add_argument("--shard")
     parser.add_argument("--merge", action="store_true")
     args = parser.parse_args()
-    filesystem = fs.S3FileSystem(endpoint_override=args.endpoint, scheme="http", region="us-east-1")
+    filesystem = s3_filesystem(endpoint_url=args.endpoint, region="us-east-1")
     root = S3Path.parse(args.state)
 
     def progress_store(spec: object) -> ProgressStore:

