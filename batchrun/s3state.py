@@ -77,7 +77,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -87,11 +87,8 @@ from .checkpoint import CARRY_ROW_GROUP, OUTPUTS_KEPT, DamagedStateError
 from .errors import BusyError, StorageError
 from .localfs import crashpoint, output_temps, process_ended, remove_stale_temps, write_checked
 from .plan import Plan
-from .s3store import run_to_end
+from .s3store import S3Path, run_to_end
 from .segments import RESULT_SCHEMA, SegmentFile, SegmentInfo, read_checked
-
-if TYPE_CHECKING:
-    from .s3store import S3Path
 
 log = logging.getLogger("batchrun")
 T = TypeVar("T")
@@ -285,15 +282,15 @@ class S3RunState:
             _forget(key, token)
             self._release(key, token)  # interrupted while taking it: do not leave it behind
             raise
-        if name.startswith("lock.shard-"):
-            # Leases are deleted on release; shard_count needs to know the shards ever run.
-            marker = self._key("shards", name)
-            if not self._exists(marker):
-                self._put(marker, b"", None)
         stop = threading.Event()
         renewer = threading.Thread(target=self._renew, args=(key, token, stop), name=f"lease {name}", daemon=True)
         renewer.start()
         try:
+            if name.startswith("lock.shard-"):
+                # Leases are deleted on release; shard_count needs to know the shards ever run.
+                marker = self._key("shards", name)
+                if not self._exists(marker):
+                    self._put(marker, b"", None)
             yield
         finally:
             stop.set()
