@@ -22,14 +22,14 @@ redone); a store that does not answer is a ``StorageError``, never damage.
 
 **The plan, written once.** SeaweedFS honours ``If-None-Match: *`` on PUT (a second create gets
 412), but pyarrow's S3 filesystem cannot send it (``open_output_stream`` metadata that is not a
-known header is dropped: both PUTs succeed). The rule that keeps the plan safe instead: the
-runner plans under the ``plan.lock`` lease (waited for), finds no plan before it writes one,
-writes it with one PUT and then uses the plan it reads back, never the one it made. Two planners
-that slip past the lease (its holder paused past the lease's life) plan the same job from the
-same input, so their plans differ only in ``created_at`` and segments committed under either fit
-the other. Plans that differ in substance need, on top of that, two different jobs (another
-input or other settings) sharing one ``state_dir`` and starting within the same second; the
-second then finds the first's plan and is refused as any changed job is.
+header it knows is dropped: both PUTs succeed). So write-once is kept by a rule: the runner plans
+under the ``plan.lock`` lease (waited for); ``write_plan`` reads the plan again just before its
+PUT and leaves in place a plan this store never saw (the first plan pinned stays), and waits
+``settle_s`` after its own PUT; the runner then works under the plan it reads back, and checks it
+against its job when it is not the one it made (``StateError`` if it does not fit). Two planners
+end under different plans only if one's PUT lands more than ``settle_s`` after its check, and even
+then two planners of one job and input make plans that differ only in ``created_at``, so segments
+committed under either fit the other.
 
 **Leases** (``lock``). A lease object holds its holder (pid, host, since), a random token and an
 expiry (the holder's wall clock + ``lease_ttl_s``, 30 s); a daemon thread renews it every
@@ -134,6 +134,8 @@ class S3RunState:
         self._scratch: Path | None = None
         self._carry_local: Path | None = None  # the carry object's local copy, once looked for
         self._carry_looked = False
+        self._seen_plan: Plan | None = None  # the plan this store last read or wrote
+        self._plan_read = False
         self._journal: dict[int, list[str]] = {}  # lines not yet uploaded, by segment
         self._journal_lock = threading.Lock()
         self._writer = uuid.uuid4().hex[:12]  # names this store's journal objects
@@ -499,12 +501,25 @@ class S3RunState:
     # -- plan -----------------------------------------------------------------------------------
     def read_plan(self) -> Plan | None:
         """The pinned plan; None when there is none (or it cannot be read back as JSON)."""
+        self._seen_plan, self._plan_read = self._fetch_plan(), True
+        return self._seen_plan
+
+    def _fetch_plan(self) -> Plan | None:
         doc = self._get_json(self._key("plan.json"))
         return None if doc is None else Plan.from_json(doc, str(self.root / "plan.json"))
 
     def write_plan(self, plan: Plan) -> None:
-        """One PUT; the caller plans under ``plan.lock`` and uses the plan it reads back."""
+        """Pin ``plan`` with one PUT, unless a plan this store never saw is there: another run
+        pinned it at the same moment (past the plan lease), and the first plan stays. The caller
+        uses the plan it reads back, checked against its job when it is not its own; the pause
+        after the PUT lets a racer's PUT land before that read-back."""
+        stored = self._fetch_plan()
+        if stored is not None and stored != plan and not (self._plan_read and stored == self._seen_plan):
+            log.warning("another run pinned a plan in %s at the same moment; this run checks it and uses it", self.root)
+            return
         self._put_json(self._key("plan.json"), plan.to_json(), "plan")
+        self._seen_plan, self._plan_read = plan, True
+        time.sleep(self.opts.settle_s)
 
     # -- segments -------------------------------------------------------------------------------
     def _segment_key(self, k: int) -> str:

@@ -222,6 +222,47 @@ def test_the_plan_round_trips_and_a_second_write_replaces_it_whole(state: S3RunS
     assert state.read_plan() is None
 
 
+def test_a_plan_pinned_by_another_run_at_the_same_moment_stays_and_a_plan_read_may_be_replaced(
+    s3: SeaweedS3, state: S3RunState
+) -> None:
+    racer = S3RunState(state.root, s3.filesystem(), options=QUICK)
+    assert state.read_plan() is None and racer.read_plan() is None  # both found none
+    racer.write_plan(plan(created_at="racer"))
+    state.write_plan(plan(created_at="mine"))  # a plan it never saw is there: the first one stays
+    assert state.read_plan() == plan(created_at="racer")
+    state.write_plan(plan(rows=120, created_at="replanned"))  # the plan it read may be replaced
+    assert racer.read_plan() == plan(rows=120, created_at="replanned")
+    fresh = S3RunState(state.root, s3.filesystem(), options=QUICK)
+    fresh.write_plan(plan(created_at="unread"))  # a store that read nothing replaces nothing
+    assert fresh.read_plan() == plan(rows=120, created_at="replanned")
+
+
+def test_a_run_that_reads_back_another_jobs_plan_pinned_at_the_same_moment_is_refused(
+    s3: SeaweedS3, state: S3RunState, tmp_path: Path
+) -> None:
+    """The runner checks a plan it did not make against its job: a racer that pinned a plan for
+    another model between this run's look and its PUT makes this run stop, not work under it."""
+    from dataclasses import replace
+
+    from conftest import prompt_rows, write_csv, write_job
+
+    from batchrun.errors import StateError
+    from batchrun.inputcheck import open_job
+    from batchrun.runner import _plan
+
+    class Raced(S3RunState):
+        def write_plan(self, plan: Plan) -> None:
+            racer = S3RunState(self.root, self.fs, options=QUICK)
+            racer.write_plan(replace(plan, settings={**plan.settings, "model": "another/model"}, created_at="racer"))
+            super().write_plan(plan)
+
+    write_csv(tmp_path / "input.csv", prompt_rows(20))
+    spec = open_job(write_job(tmp_path, "http://127.0.0.1:9"))
+    with pytest.raises(StateError, match="model: 'another/model' -> 'test-model'"):
+        _plan(spec, Raced(state.root, s3.filesystem(), options=QUICK))
+    assert _plan(spec, S3RunState(S3Path(state.root.fs_path + "-2"), s3.filesystem(), options=QUICK)).rows == 20
+
+
 def test_finished_and_outputs_are_kept_as_the_local_state_keeps_them(state: S3RunState) -> None:
     ident = {"size": 10, "mtime_ns": 5}
     assert state.read_finished() is None and not state.wrote_output(ident)
