@@ -49,9 +49,11 @@ def s3(s3_server: SeaweedS3) -> SeaweedS3:
     return s3_server
 
 
-def start(s3: SeaweedS3, job: Path, state: str, *args: str, tmp: Path | None = None) -> subprocess.Popen[str]:
-    """The job in a process of its own, in the job's folder, with its own temporary folder."""
-    env = {**os.environ, **s3.env}
+def start(
+    s3: SeaweedS3, job: Path, state: str, *args: str, tmp: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """The job in a process of its own, in the job's folder (with its own temporary folder)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "BATCHRUN_CRASH_AT"}, **s3.env, **(env or {})}
     if tmp is not None:
         env["TMPDIR"] = str(tmp)
     return subprocess.Popen(
@@ -67,6 +69,11 @@ def state_of(s3: SeaweedS3, uri: str) -> S3RunState:
 def check_state_readable(s3: SeaweedS3, uri: str, rows: list[dict[str, Any]]) -> int:
     """What must hold at any instant: every segment and partial object reads back whole, with
     only its own rows' answers. Returns how many rows are saved."""
+    return len(saved_rows(s3, uri, rows))
+
+
+def saved_rows(s3: SeaweedS3, uri: str, rows: list[dict[str, Any]] | None = None) -> set[int]:
+    """Rows whose answer a segment or partial object holds (each checked to be its own row's)."""
     filesystem = s3.filesystem()
     base = S3Path.parse(uri)
     saved: set[int] = set()
@@ -79,9 +86,10 @@ def check_state_readable(s3: SeaweedS3, uri: str, rows: list[dict[str, Any]]) ->
                 table = pq.read_table(f, columns=["row", "output", "error"], page_checksum_verification=True)
             for r in table.to_pylist():
                 if r["error"] is None:
-                    assert r["output"] == expected_output(rows[r["row"]]["prompt"]), (info.path, r["row"])
+                    if rows is not None:
+                        assert r["output"] == expected_output(rows[r["row"]]["prompt"]), (info.path, r["row"])
                     saved.add(r["row"])
-    return len(saved)
+    return saved
 
 
 @pytest.mark.slow
@@ -205,3 +213,67 @@ def test_four_shards_in_four_processes_sharing_only_the_bucket_merge_to_the_one_
           f"({len(rows)} rows)")
     for i in range(1, 5):
         assert not any((tmp_path / f"pod-{i}" / "tmp").iterdir()), f"pod {i} left files in its temporary folder"
+
+
+@pytest.mark.parametrize("step", ["carry:written", "carry:renamed", "plan:carried", "plan:renamed", None])
+def test_an_incremental_plan_on_s3_crashed_at_each_step_then_rerun_sends_only_new_and_changed_rows(
+    s3: SeaweedS3, tmp_path: Path, step: str | None
+) -> None:
+    """Incremental runs read the previous answers through the store (downloaded to the scratch
+    folder) and publish the carry as one object: a crash at any step only repeats the step."""
+    from test_crash import edited_input
+
+    v1 = prompt_rows(120)
+    state = f"s3://{BUCKET}/incr-{uuid.uuid4().hex[:8]}/state"
+    write_csv(tmp_path / "input.csv", v1)
+    with LiveEndpoint() as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_rows": 32})
+        first = start(s3, job, state)
+        assert first.wait(120) == 0, first.communicate()[1]
+        first.communicate()
+        v2, to_send = edited_input(v1)
+        write_csv(tmp_path / "input.csv", v2)
+        mark = len(ep.log.prompts_received)
+        if step is not None:
+            crashed = start(s3, job, state, env={"BATCHRUN_CRASH_AT": step})
+            crashed.communicate(timeout=120)
+            assert crashed.returncode == -signal.SIGKILL, f"{step} was never reached"
+        rerun = start(s3, job, state)
+        out, err = rerun.communicate(timeout=120)
+        assert rerun.returncode == 0, err
+        sent = Counter(ep.log.prompts_received[mark:])
+    assert_exact(tmp_path / "out" / "result.parquet", v2)
+    assert sent == Counter(to_send), "the crash cost the answers of unchanged rows"
+    assert json.loads(out)["incremental"] == {"reused": len(v1) - 1 - 3, "changed": 3, "new": 20}
+    assert not state_of(s3, state).has_carry(), "the carry outlived the run that used it"
+
+
+@pytest.mark.parametrize(
+    "step",
+    ["plan:written", "plan:renamed", "partial:renamed", "segment:written", "segment:renamed", "segment:published",
+     "segment:renamed@3", "outputs:renamed", "finished:renamed"],
+)
+def test_a_crash_right_after_each_commit_step_on_s3_then_the_rerun_is_exact_without_resending_saved_rows(
+    s3: SeaweedS3, tmp_path: Path, step: str
+) -> None:
+    rows = prompt_rows(240)
+    state = f"s3://{BUCKET}/steps-{uuid.uuid4().hex[:8]}/state"
+    write_csv(tmp_path / "input.csv", rows)
+    # A slower endpoint keeps segments open across checkpoint ticks, so partial saves happen.
+    with LiveEndpoint(ServerOptions(latency_s=0.05 if step.startswith("partial") else 0.01)) as ep:
+        job = write_job(tmp_path, ep.url, run={"batch_size": 4, "concurrency": 2, "checkpoint_rows": 32,
+                                               "checkpoint_interval_s": 0.05})
+        crashed = start(s3, job, state, env={"BATCHRUN_CRASH_AT": step})
+        crashed.communicate(timeout=120)
+        assert crashed.returncode == -signal.SIGKILL, f"{step} was never reached: exit {crashed.returncode}"
+        saved = saved_rows(s3, state, rows)
+        mark = len(ep.log.prompts_received)
+        rerun = start(s3, job, state)
+        out, err = rerun.communicate(timeout=120)
+        assert rerun.returncode == 0, err
+        again = set(ep.log.prompts_received[mark:])
+    output = tmp_path / "out" / "result.parquet"
+    assert tally(output, rows) == EXACT
+    assert_exact(output, rows)
+    assert [i for i in sorted(saved) if rows[i]["prompt"] in again] == [], "saved answers were sent again"
+    assert json.loads((tmp_path / "out" / "result.parquet.SUCCESS").read_text())["rows"] == len(rows)
