@@ -464,16 +464,18 @@ def test_a_store_that_refuses_connections_is_a_storage_error_naming_the_object_a
     )
     state = S3RunState(S3Path(f"{BUCKET}/gone/state"), dead, options=QUICK)
     with pytest.raises(StorageError) as err:
-        state.write_plan(plan())
+        state.write_finished({"rows": 1})
     message = str(err.value)
     assert message.startswith(
-        f"cannot write s3://{BUCKET}/gone/state/plan.json: the store did not answer (NETWORK_CONNECTION"
+        f"cannot write s3://{BUCKET}/gone/state/finished.json: the store did not answer (NETWORK_CONNECTION"
     ), message
     assert "3 attempts); progress so far is kept" in message
     assert err.value.exit_code == 74
     assert s3.secret_key not in message and s3.access_key not in message
     with pytest.raises(StorageError, match=r"cannot list s3://state/gone/state/segments/"):
         state.scan_segments()
+    with pytest.raises(StorageError, match=r"cannot read s3://state/gone/state/plan.json"):
+        state.write_plan(plan())  # it looks for a plan pinned meanwhile first
 
 
 def test_access_refused_is_a_storage_error_at_once_and_quotes_no_key(s3: SeaweedS3) -> None:
