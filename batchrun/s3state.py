@@ -31,7 +31,7 @@ end under different plans only if one's PUT lands more than ``settle_s`` after i
 then two planners of one job and input make plans that differ only in ``created_at``, so segments
 committed under either fit the other.
 
-**Leases** (``lock``). A lease object holds its holder (pid, host, since), a random token and an
+**Leases** (``lock``; what one holds is in ``leases``). A lease object holds its holder (pid, host, since), a random token and an
 expiry (the holder's wall clock + ``lease_ttl_s``, 30 s); a daemon thread renews it every
 ``renew_every_s`` (10 s) while the block runs. To take one: read it; held and unexpired ->
 ``BusyError`` naming the holder (or poll every ``poll_s`` with ``wait``); else PUT our own token,
@@ -65,7 +65,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -83,6 +82,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from . import leases
 from .checkpoint import CARRY_ROW_GROUP, OUTPUTS_KEPT, DamagedStateError
 from .errors import BusyError, StorageError
 from .localfs import crashpoint, output_temps, process_ended, remove_stale_temps, write_checked
@@ -114,13 +114,6 @@ class S3StateOptions:
     poll_s: float = 2.0  # between looks at a lease held by another run, with ``wait``
     retry_delays_s: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     scan_threads: int = 16  # footers read at once by scan_segments
-
-
-# Tokens of the leases this process holds or is taking, by key: a second ``lock`` of the same name
-# from this process is refused as flock refuses it, and a lease naming this process whose token
-# is not here is a leftover of ours (a release that could not reach the store).
-_HELD: dict[str, set[str]] = {}
-_HELD_LOCK = threading.Lock()
 
 
 class S3RunState:
@@ -273,15 +266,14 @@ class S3RunState:
         its holder; see the module's docstring for the protocol. It only saves money."""
         key = self._key(name)
         token = uuid.uuid4().hex
-        with _HELD_LOCK:
-            _HELD.setdefault(key, set()).add(token)
+        leases.register(key, token)
         try:
             self._acquire(key, token, wait)
         except (BusyError, StorageError):
-            _forget(key, token)
+            leases.forget(key, token)
             raise
         except BaseException:
-            _forget(key, token)
+            leases.forget(key, token)
             self._release(key, token)  # interrupted while taking it: do not leave it behind
             raise
         stop = threading.Event()
@@ -297,20 +289,20 @@ class S3RunState:
         finally:
             stop.set()
             renewer.join()
-            _forget(key, token)
+            leases.forget(key, token)
             self._release(key, token)
 
     def _acquire(self, key: str, token: str, wait: bool) -> None:
         while True:
             current = self._read_lease(key)
-            if current is None or _lease_gone(key, current):
-                self._put_json(key, _lease_doc(token, self.opts.lease_ttl_s), None)
+            if current is None or leases.lease_gone(key, current):
+                self._put_json(key, leases.lease_doc(token, self.opts.lease_ttl_s), None)
                 time.sleep(self.opts.settle_s)  # a racer's PUT lands meanwhile; the last one wins
                 current = self._read_lease(key)
                 if current is not None and current.get("token") == token:
                     return
             if not wait:
-                raise BusyError(f"s3://{key}", _holder_of(current))
+                raise BusyError(f"s3://{key}", leases.holder_of(current))
             time.sleep(self.opts.poll_s)
 
     def _read_lease(self, key: str) -> dict[str, Any] | None:
@@ -325,10 +317,10 @@ class S3RunState:
                 if current is None or current.get("token") != token:
                     log.warning(
                         "the lease %s was taken by %s; another run may send the same rows (the output "
-                        "stays exact)", f"s3://{key}", _holder_of(current),
+                        "stays exact)", f"s3://{key}", leases.holder_of(current),
                     )
                     return
-                self._put_json(key, _lease_doc(token, self.opts.lease_ttl_s, since=current.get("since")), None)
+                self._put_json(key, leases.lease_doc(token, self.opts.lease_ttl_s, since=current.get("since")), None)
             except StorageError as exc:
                 log.warning("could not renew the lease s3://%s: %s", key, exc)
 
@@ -349,8 +341,8 @@ class S3RunState:
             if not (name.startswith("lock") or name == "merge.lock"):
                 continue
             lease = self._read_lease(info.path)
-            if lease is not None and not _lease_gone(info.path, lease):
-                out[name] = _holder_of(lease)
+            if lease is not None and not leases.lease_gone(info.path, lease):
+                out[name] = leases.holder_of(lease)
         return out
 
     def shard_count(self) -> int | None:
@@ -725,77 +717,3 @@ def _storage_error(op: str, key: str, exc: OSError, attempts: int) -> StorageErr
     return StorageError(f"cannot {op} s3://{key}: {reason}")
 
 
-# -- leases ----------------------------------------------------------------------------------------
-def _this_process() -> dict[str, Any]:
-    """Who we are, as a lease records it; ``boot``, ``pidns`` and ``start`` let another process
-    on this host tell whether the holder is still alive (Linux; elsewhere they are empty)."""
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "boot": _read_text("/proc/sys/kernel/random/boot_id"),
-        "pidns": _pidns(),
-        "start": _start_time(os.getpid()),
-    }
-
-
-def _lease_doc(token: str, ttl_s: float, since: str | None = None) -> dict[str, Any]:
-    now = time.time()
-    return {
-        **_this_process(),
-        "token": token,
-        "since": since or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "renewed_at": now,
-        "expires_at": now + ttl_s,
-    }
-
-
-def _forget(key: str, token: str) -> None:
-    with _HELD_LOCK:
-        tokens = _HELD.get(key, set())
-        tokens.discard(token)
-        if not tokens:
-            _HELD.pop(key, None)
-
-
-def _holder_of(lease: dict[str, Any] | None) -> str:
-    if lease is None:
-        return "unknown process"
-    return f"pid {lease.get('pid')} on {lease.get('host')} since {lease.get('since')}"
-
-
-def _lease_gone(key: str, lease: dict[str, Any]) -> bool:
-    """Whether a lease no longer guards anything: expired, or its holder on this host has ended."""
-    expires = lease.get("expires_at")
-    if not isinstance(expires, (int, float)) or time.time() > expires:
-        return True
-    me = _this_process()
-    if not me["boot"] or lease.get("boot") != me["boot"] or lease.get("pidns") != me["pidns"]:
-        return False  # another host (or container): only the expiry can tell
-    pid = lease.get("pid")
-    if not isinstance(pid, int):
-        return False
-    if pid == me["pid"] and lease.get("start") == me["start"]:
-        with _HELD_LOCK:
-            return lease.get("token") not in _HELD.get(key, ())  # ours only while we hold or take it
-    return _start_time(pid) != lease.get("start")  # ended (or its pid reused by another process)
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _pidns() -> str:
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return ""
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22)."""
-    stat = _read_text(f"/proc/{pid}/stat")
-    return stat.rsplit(")", 1)[-1].split()[19] if stat else ""

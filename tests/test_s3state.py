@@ -308,14 +308,14 @@ HOLDER = textwrap.dedent(
     """
     import json, sys, time
     from pyarrow import fs
-    from batchrun import s3state
+    from batchrun import leases, s3state
     from batchrun.errors import BusyError
     from batchrun.s3store import S3Path
 
     endpoint, root, name, opts, hold_s, start_at, other_host = sys.argv[1:]
     if other_host == "1":  # a holder in another pod: only its lease's expiry tells it has died
-        mine = s3state._this_process
-        s3state._this_process = lambda: {**mine(), "host": "pod-b", "boot": "another-boot"}
+        mine = leases.this_process
+        leases.this_process = lambda: {**mine(), "host": "pod-b", "boot": "another-boot"}
     state = s3state.S3RunState(
         S3Path(root), fs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1"),
         options=s3state.S3StateOptions(**json.loads(opts)),
