@@ -13,19 +13,22 @@ its slots (1, 2 and 4 requests of 16), given a share of the rows in proportion t
 each control takes about as long as a fleet run; the summed capacity is the sum of their medians.
 Contenders through the fleet (``api_base`` listing the three): ``concurrency = "auto"``
 (``max_concurrency`` 64) and fixed 2, 4 and 32 per replica (32 is far above every replica's
-capacity: it shows requests shed and what is left of the throughput).
+capacity: it shows requests shed and what is left of the throughput). A fixed setting is a
+ceiling, not a constant: a fresh 503 cuts a replica's limit by a quarter and answers bring it
+back up (``admission.FixedLimit``), so the limits each run ended at are shown for every fleet run.
 
 In each round every control and contender runs once, in turn, and the order turns by one each
 round (the machine is shared and noisy); figures are medians over the rounds. prompts/s is over
 the whole run (planning and writing the output included). For each run: how it ended, requests
 shed with 503 (counted by the replicas themselves), the split of the prompts the replicas served,
-and with ``auto`` each replica's limit at the end.
+each replica's limit at the end, and the machine's load (1 min) as the run started.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -93,6 +96,7 @@ def one(name: str, eps: list[Endpoint], conc: int | str, inp: Path, rows: int, w
     })
     before = idle(eps)
     server_cpu = [proc_cpu_s(ep.proc.pid) for ep in eps if ep.proc is not None]
+    load = os.getloadavg()[0]
     cpu = time.process_time()
     started = time.monotonic()
     try:
@@ -119,7 +123,7 @@ def one(name: str, eps: list[Endpoint], conc: int | str, inp: Path, rows: int, w
         "taken_out": sum(r.get("times_taken_out", 0) for r in replicas),
         "failed_rows": summary.failed if summary is not None else 0,
         "replicas": replicas,
-        "client_cpu_s": client_cpu, "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu, "server_cpu_s": server_cpu, "load": load,
     }
 
 
@@ -152,7 +156,7 @@ def run(rows: int, rounds: int, workdir: Path) -> dict[str, Any]:
                 result = one(name, targets, conc, data[n], n, workdir)
                 runs[name].append(result)
                 print(f"  round {r + 1}: {name}: {result['rate']:.0f} prompts/s, {result['ended']}, "
-                      f"shed {sum(result['shed'])}/{sum(result['requests'])}", file=sys.stderr, flush=True)
+                      f"shed {sum(result['shed'])}/{sum(result['requests'])}, load {result['load']:.2f}", file=sys.stderr, flush=True)
     return {"date": when, "machine": info, "rows": rows, "rows_alone": rows_alone, "rounds": rounds, "runs": runs}
 
 
@@ -182,7 +186,7 @@ def report(fig: dict[str, Any]) -> dict[str, Any]:
             shares[n] = medians[n] / summed
         served = [sum(r["served"][i] for r in rs) for i in range(len(rs[0]["served"]))]
         shed, requests = sum(sum(r["shed"]) for r in rs), sum(sum(r["requests"]) for r in rs)
-        limits = ", ".join("+".join(str(x) for x in r["limits"]) for r in rs) if rs[0]["concurrency"] == "auto" else ""
+        limits = "" if is_alone else ", ".join("+".join(str(x) for x in r["limits"]) for r in rs)
         each = " / ".join(f"{r['rate']:.0f}" for r in rs)
         print(f"| {n} | {rs[0]['concurrency']} | {medians[n]:,.0f} | {each} | "
               f"{of_summed} | {medians[n] / nom:.3f} | {'' if is_alone else fmt_split(served)} | "
@@ -202,6 +206,8 @@ def report(fig: dict[str, Any]) -> dict[str, Any]:
           f"{shares[f'fleet {FLEET[-1]}']:.3f} of summed capacity, {shed} of {requests} requests shed "
           f"({shed / max(requests, 1):.0%}), failed rows {sum(r['failed_rows'] for r in far)}, "
           f"replicas taken out {sum(r['taken_out'] for r in far)} times")
+    loads = [statistics.median(r["load"] for rs in runs.values() for r in rs[i:i + 1]) for i in range(fig["rounds"])]
+    print(f"machine load (1 min) as the runs started, median by round: {' / '.join(f'{x:.2f}' for x in loads)}")
     cpu = [(r["client_cpu_s"] + sum(r["server_cpu_s"])) / r["wall_s"] for rs in runs.values() for r in rs]
     print(f"CPU (client + replicas) per second of run: {min(cpu):.2f}-{max(cpu):.2f} of {info['nproc']} cores")
     return {"medians": medians, "summed_capacity": summed, "nominal_capacity": sum(noms),
