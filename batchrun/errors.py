@@ -2,6 +2,7 @@
 
     BatchrunError                    (exit 1, unexpected)
     ├── JobError                     (exit 2) the job file or its input is invalid
+    │   └── ObjectStoreError                  an object store refused a request or did not answer
     ├── EndpointError                (exit 4) the run stopped early; progress is kept
     │   ├── AuthError                         401/403: the key is wrong or missing
     │   └── OutageError                       the endpoint stopped answering altogether
@@ -16,6 +17,7 @@ Rows that fail after their retries are data (an ``error`` value on the row), not
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 
@@ -38,6 +40,29 @@ class JobError(BatchrunError):
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class StoreFault(enum.Enum):
+    """Why an object store request failed, as data (``ObjectStoreError.fault``)."""
+
+    NO_BUCKET = "no_bucket"
+    NO_OBJECT = "no_object"
+    NO_CREDENTIALS = "no_credentials"
+    ACCESS_DENIED = "access_denied"
+    UNREACHABLE = "unreachable"
+    OTHER = "other"
+
+
+class ObjectStoreError(JobError):
+    """An object store (S3) request failed: ``fault`` says why, ``operation`` what was asked
+    (``read``, ``write``, ``list``...), ``location`` where (``s3://bucket/key``). The message
+    never holds a credential."""
+
+    def __init__(self, message: str, *, fault: StoreFault, operation: str, location: str):
+        self.fault = fault
+        self.operation = operation
+        self.location = location
+        super().__init__(message)
 
 
 class StateError(BatchrunError):

