@@ -378,7 +378,7 @@ def _plan(spec: JobSpec, state: ProgressStore, *, allow_incremental: bool = True
         log.warning("the run state in %s had no readable plan; its progress is discarded", state.root)
         state.reset()
         state.drop_carry()
-    fingerprint = fingerprints.take(input_store(spec.input_pattern), spec.input_files, hashed)
+    fingerprint = fingerprints.take(input_store(spec.input_pattern, spec.storage), spec.input_files, hashed)
     check_sample(spec)
     rows = source.count_rows_and_check_ids(spec)
     if rows == 0:

@@ -55,7 +55,7 @@ from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import pyarrow as pa
 from pyarrow import fs as pafs
@@ -122,15 +122,22 @@ def s3_filesystem(
     """
     options: dict[str, Any] = {"region": region} if region else {}
     if endpoint_url:
-        url = urlsplit(endpoint_url)
-        if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
-            raise JobError(f"storage.endpoint_url: must be http(s)://host[:port] (got {endpoint_url!r})")
-        if url.scheme == "http" and not allow_http and url.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise JobError(
-                f"storage.endpoint_url: plain http to {url.hostname} would send the data in clear; use https"
-            )
+        url = check_endpoint_url(endpoint_url, allow_http=allow_http)
         options.update(endpoint_override=url.netloc, scheme=url.scheme)
     return pafs.S3FileSystem(**options)
+
+
+def check_endpoint_url(endpoint_url: str, *, allow_http: bool = False) -> SplitResult:
+    """``storage.endpoint_url`` split, or ``JobError`` saying what is wrong with it."""
+    url = urlsplit(endpoint_url)
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+        raise JobError(f"storage.endpoint_url: must be http(s)://host[:port] (got {endpoint_url!r})")
+    if url.scheme == "http" and not allow_http and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise JobError(
+            f"storage.endpoint_url: plain http to {url.hostname} would send the data in clear; "
+            "use https (or set storage.allow_http = true on a network you trust)"
+        )
+    return url
 
 
 class S3Store:
@@ -184,13 +191,14 @@ class S3Store:
         return files
 
     def stat(self, path: PurePath) -> FileStat:
-        """Size and Last-Modified. S3 keeps whole seconds: an object rewritten with the same size
-        within a second keeps its ``FileStat``; ``etag`` tells such rewrites apart."""
+        """Size, Last-Modified and ETag. S3 keeps whole seconds: an object rewritten with the
+        same size within a second keeps its size and mtime; its ETag tells such rewrites apart,
+        and is what input change detection trusts (``fingerprint``)."""
         loc = _s3(path)
         info = self._info(loc, "read")
         if info.type != pafs.FileType.File:
             self._missing(loc, "read")
-        return FileStat(info.size, info.mtime_ns or 0)
+        return FileStat(info.size, info.mtime_ns or 0, self.etag(loc))
 
     def etag(self, path: PurePath) -> str | None:
         """The object's ETag (one HEAD), None when there is no object. It changes with every
