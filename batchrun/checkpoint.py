@@ -19,13 +19,12 @@ Every result carries its row's prompt hash, checked again when the output is wri
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pyarrow as pa
@@ -36,23 +35,15 @@ from .localfs import (
     STORAGE_ERRNOS,
     atomic_path,
     crashpoint,
+    output_temps,
     read_json,
+    remove_stale_temps,
     storage_error,
     write_checked,
     write_json_atomic,
-    writer_gone,
 )
 from .plan import Plan
 from .segments import ANY_SEGMENT, RESULT_SCHEMA, SegmentFile, SegmentInfo, read_checked
-
-
-def _usage_of(kv: dict[bytes, bytes]) -> dict[str, int]:
-    """The tokens a segment's footer records (none in footers written before they were kept)."""
-    raw = kv.get(b"batchrun.usage")
-    if raw is None:
-        return {}
-    prompt, completion = json.loads(raw)
-    return {"prompt_tokens": int(prompt), "completion_tokens": int(completion)}
 
 
 class DamagedStateError(Exception):
@@ -196,27 +187,25 @@ class RunState:
 
     def write_carry(self, table: pa.Table) -> None:
         with atomic_path(self.carry_path, "carry") as tmp:
-            pq.write_table(table, tmp, compression="zstd", write_page_checksum=True, row_group_size=16384)
+            write_checked(table, tmp, row_group_size=CARRY_ROW_GROUP)
 
     def scratch_path(self, name: str) -> Path:
         """A local file for a step's working data, cleared with the leftovers of a crashed run."""
         return self.root / f".{name}"
 
-    def clear_leftovers(self, output: Path) -> None:
+    def clear_leftovers(self, output: PurePath) -> None:
         """Remove what a crashed run can leave: ``.tmp-`` files (never visible under a final
         name), and partial files and journals of segments committed since they were written."""
-        for d, pattern in (
+        places = [
             (self.root, ".*.tmp-*"),
             (self.segments_dir, ".*.tmp-*"),
             (self.partial_dir, ".*.tmp-*"),
             (self.root, ".incoming.parquet"),  # incremental.py's scratch_path("incoming.parquet")
-            # the output, and the summaries and success marker beside it
-            (output.parent, f".{output.name}*.tmp-*"),
-        ):
-            if d.exists():
-                for f in d.glob(pattern):
-                    if writer_gone(f):
-                        f.unlink(missing_ok=True)
+        ]
+        if isinstance(output, Path):  # a local output, and the summaries and success marker beside it
+            places.append((output.parent, output_temps(output)))
+        for d, pattern in places:
+            remove_stale_temps(d, pattern)
         for k in self.partial_segments():
             if self.segment_path(k).exists():
                 self.drop_partials(k)
@@ -265,15 +254,7 @@ class RunState:
             k = name.k
             try:
                 meta = pq.read_metadata(f)
-                kv = meta.metadata or {}
-                info = SegmentInfo(
-                    rows=meta.num_rows,
-                    failed=int(kv[b"batchrun.failed"]),
-                    retryable=int(kv[b"batchrun.retryable"]),
-                    params_types=json.loads(kv[b"batchrun.params_types"]),
-                    failed_by_class=json.loads(kv[b"batchrun.failed_by_class"]),
-                    **_usage_of(kv),
-                )
+                info = SegmentInfo.of_footer(meta)
             except (ValueError, KeyError, OSError, pa.ArrowException):
                 if remove_damaged:
                     f.unlink(missing_ok=True)
@@ -391,7 +372,7 @@ class RunState:
         """Remember an output file this job is about to publish (called before its rename, so a
         crash between the two never leaves the job's own output looking foreign)."""
         known = [i for i in self._recorded_outputs() if i != identity]
-        write_json_atomic(self.outputs_path, {"written": [*known[-(_OUTPUTS_KEPT - 1):], identity]}, "outputs")
+        write_json_atomic(self.outputs_path, {"written": [*known[-(OUTPUTS_KEPT - 1):], identity]}, "outputs")
 
     def wrote_output(self, identity: dict[str, int]) -> bool:
         """Whether the file with this identity at the output path was published by this job."""
@@ -404,4 +385,6 @@ class RunState:
         return [i for i in written if isinstance(i, dict)] if isinstance(written, list) else []
 
 
-_OUTPUTS_KEPT = 16
+OUTPUTS_KEPT = 16
+# Row groups of the carry file: read_carry reads only the groups a segment's rows fall in.
+CARRY_ROW_GROUP = 16384

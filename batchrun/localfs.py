@@ -119,8 +119,24 @@ def writer_gone(tmp: Path) -> bool:
         pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
     except (IndexError, ValueError):
         return True
-    if pid == os.getpid():
-        return False
+    return pid != os.getpid() and process_ended(pid)
+
+
+def remove_stale_temps(folder: Path, pattern: str) -> None:
+    """Remove the temporary files ``pattern`` matches in ``folder`` whose writer has ended."""
+    if folder.exists():
+        for f in folder.glob(pattern):
+            if writer_gone(f):
+                f.unlink(missing_ok=True)
+
+
+def output_temps(output: Path) -> str:
+    """The glob of the temporary files beside an output: its own, its summaries' and its marker's."""
+    return f".{output.name}*.tmp-*"
+
+
+def process_ended(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -130,6 +146,6 @@ def writer_gone(tmp: Path) -> bool:
     return False
 
 
-def write_checked(table: pa.Table, path: Path) -> None:
+def write_checked(table: pa.Table, where: Path | pa.NativeFile, *, row_group_size: int | None = None) -> None:
     # Page checksums let a reader tell a damaged file from a good one instead of trusting it.
-    pq.write_table(table, path, compression="zstd", write_page_checksum=True)
+    pq.write_table(table, where, compression="zstd", write_page_checksum=True, row_group_size=row_group_size)

@@ -397,4 +397,8 @@ def _plan(spec: JobSpec, state: ProgressStore, *, allow_incremental: bool = True
     state.write_plan(new_plan)
     written = state.read_plan()
     assert written is not None
+    if written != new_plan:
+        # Another run pinned a plan at the same moment (possible where locks are leases, on an
+        # object store): this run works under it only if it fits this job.
+        check_saved_progress(spec, state, written, allow_incremental=False)
     return written

@@ -413,7 +413,7 @@ class S3Store:
     # -- uploads -------------------------------------------------------------------------------
     def _upload(self, loc: S3Path, source: Path | bytes, content_type: str, *, error_at: S3Path) -> None:
         try:
-            _run_to_end(lambda: _upload_stream(self.fs, loc.fs_path, source, content_type))
+            run_to_end(lambda: _upload_stream(self.fs, loc.fs_path, source, content_type))
         except OSError as exc:
             raise self._error(exc, "write", error_at) from None
 
@@ -468,7 +468,7 @@ def _upload_stream(filesystem: pafs.S3FileSystem, key: str, source: Path | bytes
     out.close()
 
 
-def _run_to_end(work: Callable[[], None]) -> None:
+def run_to_end(work: Callable[[], None]) -> None:
     """Run ``work`` in a thread of its own and return when it has ended, even if this thread is
     interrupted meanwhile: Python runs signal handlers in the main thread only, so SIGTERM's
     ``InterruptedRun`` or a Ctrl-C is raised here, after the upload ended whole or failed,

@@ -66,6 +66,23 @@ class SegmentInfo:
             completion_tokens=usage[1],
         )
 
+    @classmethod
+    def of_footer(cls, meta: pq.FileMetaData) -> SegmentInfo:
+        """What a committed segment's footer records; ``KeyError``/``ValueError`` when it lacks
+        what ``metadata`` writes (a file that is not a committed segment)."""
+        kv = meta.metadata or {}
+        usage = kv.get(b"batchrun.usage")  # absent in footers written before tokens were kept
+        prompt, completion = json.loads(usage) if usage is not None else (0, 0)
+        return cls(
+            rows=meta.num_rows,
+            failed=int(kv[b"batchrun.failed"]),
+            retryable=int(kv[b"batchrun.retryable"]),
+            params_types=json.loads(kv[b"batchrun.params_types"]),
+            failed_by_class=json.loads(kv[b"batchrun.failed_by_class"]),
+            prompt_tokens=int(prompt),
+            completion_tokens=int(completion),
+        )
+
     @property
     def skipped(self) -> int:
         """Rows not sent because their prompt is empty: neither succeeded nor failed."""
@@ -118,5 +135,5 @@ _SEGMENT_NAME = re.compile(r"seg-(\d{8,})(?:\.([A-Za-z0-9_-]+))?\.(parquet|sent)
 ANY_SEGMENT = "seg-*"
 
 
-def read_checked(path: Path) -> pa.Table:
-    return pq.read_table(path, schema=RESULT_SCHEMA, page_checksum_verification=True)
+def read_checked(source: Path | pa.NativeFile) -> pa.Table:
+    return pq.read_table(source, schema=RESULT_SCHEMA, page_checksum_verification=True)

@@ -7,7 +7,8 @@ Three protocols, each with the local filesystem as its first implementation:
   through it: ranged reads, never a whole-file copy).
 - ``OutputStore`` (``LocalStore``): a file published whole or not at all, small JSON documents
   (the summary, the success marker) beside it, and what identifies a published file.
-- ``ProgressStore`` (``checkpoint.RunState``): the run state a job resumes from.
+- ``ProgressStore`` (``checkpoint.RunState``; ``s3state.S3RunState`` on S3): the run state a job
+  resumes from.
 
 Locations are paths (``PurePath``): a local path for the local store; an object store would take
 ``bucket/key`` paths of its own and be chosen by ``input_store``/``output_store`` from the job.
@@ -111,7 +112,10 @@ class ProgressStore(Protocol):
     output it names becomes visible. Locks only save money: correctness never depends on them.
     """
 
-    root: Path  # named in messages ("the progress in ...")
+    @property
+    def root(self) -> PurePath:
+        """Where the state is, named in messages ("the progress in ..."): a local path or s3://."""
+        ...
 
     # set-up, locks, housekeeping
     def ensure_dirs(self) -> None: ...
@@ -137,7 +141,11 @@ class ProgressStore(Protocol):
     def write_partial(self, k: int, run_id: str, table: pa.Table) -> None: ...
     def read_partials(self, k: int) -> pa.Table | None: ...
     def partial_rows(self) -> int: ...
-    def result_files(self, *, with_carry: bool = False) -> list[Path]: ...
+    def result_files(self, *, with_carry: bool = False) -> list[Path]:
+        """Every file of results, as local files the caller reads but never removes (an object
+        store downloads its objects to its scratch folder and removes them itself)."""
+        ...
+
     def journal_sent(self, k: int, rows: list[int]) -> None: ...
     def read_journal(self, k: int) -> set[int]: ...
     def close_journals(self) -> None: ...
