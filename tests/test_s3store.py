@@ -291,6 +291,20 @@ def test_publish_shows_the_whole_file_with_the_identity_recorded_first(
         assert f.metadata()["Content-Type"].decode() == f"application/vnd.apache.parquet; x-batchrun-sha256={digest}"
 
 
+def test_pyarrow_completes_an_upload_cut_short_which_is_why_publish_stages(s3: SeaweedS3, bucket: str) -> None:
+    """The fact publish is designed around (pyarrow 26): an upload stream closed by an exception
+    still completes its multipart upload, so the half written shows as an object; pyarrow has no
+    abort in Python. Should this fail one day, pyarrow aborts such uploads and publish could
+    upload in place instead of staging and copying."""
+    fs = s3.filesystem()
+    with pytest.raises(RuntimeError):
+        with fs.open_output_stream(f"{bucket}/half") as f:
+            f.write(b"x" * 100)
+            raise RuntimeError("cut short")
+    assert fs.get_file_info(f"{bucket}/half").size == 100
+    assert not hasattr(f, "abort")
+
+
 def publish_bytes(store: S3Store, loc: S3Path, data: bytes) -> dict[str, int]:
     recorded: list[dict[str, int]] = []
     with store.publish(loc, "output", recorded.append) as tmp:
