@@ -116,6 +116,12 @@ def test_a_job_from_s3_to_s3_writes_every_row_once_in_order(
         assert exists(s3, out + ".batchrun/plan.json") and not (tmp_path / "state").exists()
     else:
         assert (tmp_path / "state" / "plan.json").exists() and not exists(s3, out + ".batchrun/plan.json")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    status = subprocess.run([str(BATCHRUN), "status", str(job), "--json"], env={**base, **s3.env},
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["output"] == out and doc["state"] == "complete" and doc["pending"] == 0, doc
     # Running it again finds it done: nothing sent, the output untouched.
     before = endpoint.stats.requests
     again = batchrun(job, env=s3.env)
