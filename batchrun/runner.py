@@ -215,6 +215,7 @@ def _run_locked(
             state.reset()
         state.ensure_dirs()
         state.clear_leftovers(spec.output_path)
+        output_store(spec).clear_leftovers(spec.output_path)
         plan = _plan(spec, state, allow_incremental=part is None)
         check_output_owned(spec, state)
     summary.total_rows = plan.rows

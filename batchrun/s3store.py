@@ -49,6 +49,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,6 +65,7 @@ from .errors import JobError, ObjectStoreError, StoreFault
 from .localfs import STORAGE_ERRNOS, crashpoint, storage_error
 from .storage import FileStat
 
+STAGING_STALE_S = 600.0  # a staging object this old is a crashed writer's (clear_leftovers)
 COPY_LIMIT = 5 << 30  # CopyObject copies at most 5 GiB on AWS S3; larger objects are uploaded in place
 UPLOAD_CHUNK = 8 << 20
 FLUSH_EVERY = 4  # chunks between waits for the parts in flight: pyarrow queues them unbounded
@@ -333,7 +335,19 @@ class S3Store:
     def leftovers(self, path: PurePath) -> list[S3Path]:
         """Staging objects a crashed ``publish`` left beside ``path`` (``.NAME.tmp-PID-RAND``)."""
         loc = _s3(path)
-        return self.beside(loc, f".{loc.name}.tmp-*")
+        return self.beside(loc, f".{loc.name}*.tmp-*")
+
+    def clear_leftovers(self, path: PurePath, *, older_than_s: float = STAGING_STALE_S) -> None:
+        """Remove staging objects beside ``path`` older than ``older_than_s``. A writer on another
+        host cannot be asked whether it lives (no pid to check), but a staging object is copied to
+        its final key the moment its upload ends: one that has sat for minutes is a crashed
+        writer's, and removing a live one would only fail that writer's publish, never show a
+        partial output."""
+        now_ns = time.time_ns()
+        for loc in self.leftovers(path):
+            info = self._info(loc, "check")
+            if info.mtime_ns is not None and now_ns - info.mtime_ns > older_than_s * 1e9:
+                self.remove(loc)
 
     # -- requests and their errors -------------------------------------------------------------
     def _call(self, operation: str, loc: S3Path, fn: Callable[..., Any], *args: Any) -> Any:

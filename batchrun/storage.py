@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import pyarrow as pa
 
 from .errors import JobError, StorageError
-from .localfs import atomic_path, read_json, storage_error, write_json_atomic
+from .localfs import atomic_path, output_temps, read_json, remove_stale_temps, storage_error, write_json_atomic
 
 if TYPE_CHECKING:
     from .config import JobSpec, StorageSection
@@ -93,6 +93,11 @@ class OutputStore(Protocol):
 
     def write_json(self, path: PurePath, doc: dict[str, Any], kind: str) -> None:
         """Publish a small JSON document, whole or not at all (its folder made if need be)."""
+        ...
+
+    def clear_leftovers(self, path: PurePath) -> None:
+        """Remove the temporary files or staging objects a crashed publish left beside ``path``
+        (never one a live writer may still use)."""
         ...
 
     def beside(self, path: PurePath, pattern: str) -> Sequence[PurePath]:
@@ -252,6 +257,9 @@ class LocalStore:
 
     def beside(self, path: PurePath, pattern: str) -> list[PurePath]:
         return sorted(Path(path).parent.glob(pattern))
+
+    def clear_leftovers(self, path: PurePath) -> None:
+        remove_stale_temps(Path(path).parent, output_temps(Path(path)))
 
 
 LOCAL = LocalStore()

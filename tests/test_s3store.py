@@ -636,3 +636,19 @@ def test_paths_of_other_stores_are_refused(store: S3Store) -> None:
     with pytest.raises(TypeError, match="takes S3Path locations"):
         store.stat(PurePosixPath("bucket/key"))
     assert json.dumps(str(S3Path("b", "k"))) == '"s3://b/k"'
+
+
+def test_staging_objects_of_a_crashed_publish_are_cleared_once_stale(s3: SeaweedS3, bucket: str, store: S3Store) -> None:
+    """A writer killed between its staged upload and the copy leaves ``.NAME.tmp-*``: the next
+    run removes it once it is older than a live writer could leave one, and nothing else."""
+    out = S3Path(bucket, "run/answers.parquet")
+    publish_bytes(store, out, b"the output")
+    with s3.filesystem().open_output_stream(f"{bucket}/run/.answers.parquet.tmp-123-abcd") as f:
+        f.write(b"half of a crashed run's upload")
+    with s3.filesystem().open_output_stream(f"{bucket}/run/.other.parquet.tmp-1-x") as f:
+        f.write(b"another output's")
+    store.clear_leftovers(out)  # fresh: could be a live writer's
+    assert ".answers.parquet.tmp-123-abcd" in [p.name for p in store.leftovers(out)]
+    store.clear_leftovers(out, older_than_s=0)
+    assert store.leftovers(out) == []
+    assert keys(s3, bucket) == ["run/.other.parquet.tmp-1-x", "run/answers.parquet"]
