@@ -61,7 +61,7 @@ from urllib.parse import SplitResult, urlsplit
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-from .errors import JobError, ObjectStoreError, StoreFault
+from .errors import BatchrunError, JobError, ObjectStoreError, StoreFault, StoreUnreachableError
 from .localfs import STORAGE_ERRNOS, crashpoint, storage_error
 from .storage import FileStat
 
@@ -201,6 +201,15 @@ class S3Store:
         if info.type != pafs.FileType.File:
             self._missing(loc, "read")
         return FileStat(info.size, info.mtime_ns or 0, self.etag(loc))
+
+    def read_failure(self, exc: BaseException, path: PurePath) -> BatchrunError | None:
+        """A read that failed because the store stopped answering (after pyarrow's retries) is
+        ``StoreUnreachableError`` (exit 74, progress kept); any other failure is the object's."""
+        if isinstance(exc, OSError):
+            error = self._error(exc, "read", _s3(path))
+            if error.fault is StoreFault.UNREACHABLE:
+                return error
+        return None
 
     def etag(self, path: PurePath) -> str | None:
         """The object's ETag (one HEAD), None when there is no object. It changes with every
@@ -422,6 +431,8 @@ class S3Store:
             )
         else:
             msg = f"{where}: {detail}"
+        if fault is StoreFault.UNREACHABLE:
+            return StoreUnreachableError(msg, fault=fault, operation=operation, location=str(loc))
         return ObjectStoreError(msg, fault=fault, operation=operation, location=str(loc))
 
     # -- uploads -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import csvinput
-from .errors import JobError
+from .errors import BatchrunError, JobError
 from .iddigests import IdDigests
 from .storage import InputStore, input_store
 
@@ -121,8 +121,12 @@ def one_line(exc: BaseException) -> str:
 
 def _unreadable(
     spec: JobSpec, path: PurePath, columns: Sequence[str] | None, exc: BaseException, at: int, span: int
-) -> JobError:
-    """The error for a file that failed to read at or after its row ``at``."""
+) -> BatchrunError:
+    """The error for a file that failed to read at or after its row ``at``: the store's when it
+    stopped answering, else the file's."""
+    failure = input_store(spec.input_pattern, spec.storage).read_failure(exc, path)
+    if failure is not None:
+        return failure
     if isinstance(exc, pa.ArrowInvalid) and csvinput.straddles(exc):
         return JobError(
             f"{path.name}: a CSV row is longer than input.csv_max_row_mb "

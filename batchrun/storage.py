@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pyarrow as pa
 
-from .errors import JobError, StorageError
+from .errors import BatchrunError, JobError, StorageError
 from .localfs import atomic_path, output_temps, read_json, remove_stale_temps, storage_error, write_json_atomic
 
 if TYPE_CHECKING:
@@ -59,6 +59,11 @@ class InputStore(Protocol):
     def open(self, path: PurePath) -> pa.NativeFile:
         """A random-access reader of the file's bytes (seek and ranged reads), closed by the
         caller; ``OSError`` when the file cannot be opened."""
+        ...
+
+    def read_failure(self, exc: BaseException, path: PurePath) -> BatchrunError | None:
+        """The store's own error when a read of ``path`` failed for the store's sake (it did not
+        answer: exit 74, run again), None when the file's bytes are to blame."""
         ...
 
 
@@ -201,6 +206,9 @@ class LocalStore:
 
     def open(self, path: PurePath) -> pa.NativeFile:
         return pa.OSFile(str(path), "rb")
+
+    def read_failure(self, exc: BaseException, path: PurePath) -> BatchrunError | None:
+        return None  # a local read that fails is the file's (its errors name the file already)
 
     # -- output --------------------------------------------------------------------------------
     def ready(self, path: PurePath, *, create: bool) -> None:
