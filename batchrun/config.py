@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -89,12 +89,22 @@ class OutputSection(_Section):
     overwrite: bool = False
 
 
+class StorageSection(_Section):
+    """Where ``s3://`` paths live: AWS S3 by default, or an S3-compatible store. Credentials are
+    never here: they come from the AWS environment and credential chain."""
+
+    endpoint_url: str | None = None  # http(s)://host[:port] of an S3-compatible store
+    region: str | None = None
+    allow_http: bool = False  # plain http to a host other than loopback
+
+
 class JobFile(_Section):
     input: InputSection
     endpoint: EndpointSection
     params: ParamsSection = ParamsSection()
     run: RunSection = RunSection()
     output: OutputSection
+    storage: StorageSection = StorageSection()
 
 
 class InputFiles(BaseModel):
@@ -102,7 +112,7 @@ class InputFiles(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    files: tuple[Path, ...]
+    files: tuple[PurePath, ...]  # local Paths, or s3store.S3Paths
     format: Literal["csv", "parquet"]
     columns: tuple[str, ...]
 
@@ -111,7 +121,8 @@ class InputFiles(BaseModel):
 # found (None if nothing usable) and the problems, each worded as "input.<key>: ...".
 # The last argument: the columns the output adds, which no input column may be named.
 InputScanner = Callable[
-    [InputSection, Path, tuple[str, ...], tuple[str, ...]], tuple[InputFiles | None, list[str]]
+    [InputSection, Path, tuple[str, ...], tuple[str, ...], StorageSection],
+    tuple[InputFiles | None, list[str]],
 ]
 
 
@@ -148,12 +159,13 @@ class JobSpec(BaseModel):
     echo_match: Literal["exact", "trimmed", "position"] = "exact"
     params: dict[str, Any]
     run: RunSection
-    output_path: Path
-    state_dir: Path
+    output_path: PurePath  # a local Path, or an s3store.S3Path
+    state_dir: PurePath  # a local Path, or an s3store.S3Path
     overwrite_output: bool = False  # replace a file at output_path that this job did not write
+    storage: StorageSection = StorageSection()
 
     @property
-    def input_files(self) -> tuple[Path, ...]:
+    def input_files(self) -> tuple[PurePath, ...]:
         return self._scanned().files
 
     @property
@@ -355,16 +367,25 @@ def _resolve(
     run: RunSection | None = sections.get("run")
     if ep is not None:
         problems += jobchecks.endpoint_problems(where, ep)
-    output_path = state_dir = None
+    storage: StorageSection = sections.get("storage") or StorageSection()
+    output_path: PurePath | None = None
+    state_dir: PurePath | None = None
     if out is not None:
-        output_path = (base / out.path).resolve()
-        if output_path.suffix != ".parquet":
+        output_path = _location(where, "output.path", out.path, base, problems)
+        if output_path is not None and output_path.suffix != ".parquet":
             problems.append(f"{where}: output.path: must end in .parquet (got {out.path!r})")
-        state_dir = (
-            (base / out.state_dir).resolve()
-            if out.state_dir
-            else output_path.with_name(output_path.name + ".batchrun")
-        )
+        if out.state_dir:
+            state_dir = _location(where, "output.state_dir", out.state_dir, base, problems)
+        elif output_path is not None:
+            # Beside the output, on its store: pods that share only a bucket resume each other's work.
+            state_dir = output_path.with_name(output_path.name + ".batchrun")
+    if storage.endpoint_url is not None:
+        from .s3store import check_endpoint_url
+
+        try:
+            check_endpoint_url(storage.endpoint_url, allow_http=storage.allow_http)
+        except JobError as exc:
+            problems += [f"{where}: {p}" for p in exc.problems]
     if run is not None and run.retry_backoff_max_s < run.retry_backoff_s:
         problems.append(
             f"{where}: run.retry_backoff_max_s: must be >= run.retry_backoff_s "
@@ -407,7 +428,7 @@ def _resolve(
 
     found: InputFiles | None = None
     if scan_input is not None:
-        found, input_problems = scan_input(inp, base, template_fields, _added_columns(protocol))
+        found, input_problems = scan_input(inp, base, template_fields, _added_columns(protocol), storage)
         problems += [f"{where}: {p}" for p in input_problems]
     if problems or ep is None or run is None or output_path is None or state_dir is None:
         return None
@@ -438,7 +459,26 @@ def _resolve(
         output_path=output_path,
         state_dir=state_dir,
         overwrite_output=out.overwrite if out is not None else False,
+        storage=storage,
     )
+
+
+def _location(where: str, key: str, value: str, base: Path, problems: list[str]) -> PurePath | None:
+    """A job file's path: ``s3://bucket/key`` as an ``S3Path``, anything else a local path
+    resolved against the job file's folder."""
+    if "://" not in value:
+        return (base / value).resolve()
+    from .s3store import S3Path
+
+    try:
+        loc = S3Path.parse(value)
+    except JobError:
+        problems.append(f"{where}: {key}: only s3:// locations and local paths are supported (got {value!r})")
+        return None
+    if not loc.key:
+        problems.append(f"{where}: {key}: name a key inside the bucket, not the bucket alone (got {value!r})")
+        return None
+    return loc
 
 
 def _added_columns(protocol: str) -> tuple[str, ...]:

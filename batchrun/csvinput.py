@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Generator, Sequence
-from pathlib import Path
+from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 FIRST_BLOCK_BYTES = 256 << 10
 
 
-def header(store: InputStore, path: Path) -> list[str]:
+def header(store: InputStore, path: PurePath) -> list[str]:
     """A CSV file's column names, from its header row."""
     # surrogateescape: the file is decoded ahead of the header line, and a bad byte further on
     # is the rows' problem (reported with them when they are read), not the header's.
@@ -40,7 +40,7 @@ def header(store: InputStore, path: Path) -> list[str]:
 
 
 def _open(
-    store: InputStore, path: Path, columns: Sequence[str] | None, block_bytes: int
+    store: InputStore, path: PurePath, columns: Sequence[str] | None, block_bytes: int
 ) -> pacsv.CSVStreamingReader:
     # Every CSV column is read as text: a type guessed from the first block can turn out wrong
     # millions of rows later, and CSV carries text anyway. Nothing is lost; nothing is guessed.
@@ -59,7 +59,7 @@ def _open(
 
 
 def batches(
-    store: InputStore, path: Path, columns: Sequence[str] | None, max_block: int
+    store: InputStore, path: PurePath, columns: Sequence[str] | None, max_block: int
 ) -> Generator[pa.RecordBatch, None, None]:
     """A CSV file's batches, read in small blocks, grown only for an input whose rows need it.
 

@@ -95,6 +95,13 @@ class StorageError(BatchrunError):
 
     exit_code = 74
 
+class StoreUnreachableError(ObjectStoreError, StorageError):
+    """The object store did not answer (after the S3 client's own retries): not the job's fault,
+    and nothing lost. Exit 74 like a full disk: progress is kept, the same command resumes."""
+
+    exit_code = 74
+
+
 
 class BusyError(BatchrunError):
     """Another run of the same job holds its lock."""

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePath
 
 from .errors import JobError
 from .plan import FileMark, Plan
-from .storage import InputStore
+from .storage import FileStat, InputStore
 
 # sha256 over a whole file ran at 1.5 GB/s on the development machine (0.70 s for 1 GiB from the
 # page cache, 0.90 s once the cache was dropped; AMD EPYC with SHA extensions, OpenSSL 3.0, 2
@@ -45,7 +45,7 @@ class InputCheck:
     hashes: dict[tuple[str, int, int], str]
 
 
-def file_sha256(store: InputStore, path: Path) -> str:
+def file_sha256(store: InputStore, path: PurePath) -> str:
     """The sha256 of a file's whole content, read in 1 MB blocks."""
     try:
         h = hashlib.sha256()
@@ -58,7 +58,7 @@ def file_sha256(store: InputStore, path: Path) -> str:
         raise JobError(f"cannot read {path.name}: {exc.strerror or exc}") from None
 
 
-def take(store: InputStore, files: Sequence[Path], known: dict[tuple[str, int, int], str] | None = None) -> list[FileMark]:
+def take(store: InputStore, files: Sequence[PurePath], known: dict[tuple[str, int, int], str] | None = None) -> list[FileMark]:
     """Each file's path, size, mtime and whole-content sha256, as a new plan records them."""
     out: list[FileMark] = []
     for f in files:
@@ -66,7 +66,10 @@ def take(store: InputStore, files: Sequence[Path], known: dict[tuple[str, int, i
         # the one recorded, so the next run hashes it again instead of trusting a mixed digest.
         st = store.stat(f)
         digest = (known or {}).get((str(f), st.size, st.mtime_ns)) or file_sha256(store, f)
-        out.append({"path": str(f), "size": st.size, "mtime_ns": st.mtime_ns, "sha256": digest})
+        mark: FileMark = {"path": str(f), "size": st.size, "mtime_ns": st.mtime_ns, "sha256": digest}
+        if st.etag is not None:
+            mark["etag"] = st.etag
+        out.append(mark)
     return out
 
 
@@ -76,16 +79,16 @@ def identity(fingerprint: Sequence[FileMark]) -> list[tuple[object, ...]]:
     The directory may move with the job, and a copy changes mtime: neither is part of it.
     """
     return [
-        (Path(str(f["path"])).name, f["size"], f.get("sha256") or f.get("sample_sha256")) for f in fingerprint
+        (PurePath(str(f["path"])).name, f["size"], f.get("sha256") or f.get("sample_sha256")) for f in fingerprint
     ]
 
 
-def check(store: InputStore, plan: Plan, files: Sequence[Path]) -> InputCheck:
+def check(store: InputStore, plan: Plan, files: Sequence[PurePath]) -> InputCheck:
     """Compare the input files with the fingerprint ``plan`` pinned, reading as little as it can."""
     recorded = plan.fingerprint
     if plan.version == 1:
         return InputCheck(identity(recorded) == identity(_legacy(store, files)), None, {})
-    if [Path(str(r["path"])).name for r in recorded] != [f.name for f in files]:
+    if [PurePath(str(r["path"])).name for r in recorded] != [f.name for f in files]:
         return InputCheck(False, None, {})
     refreshed: list[FileMark] = []
     hashes: dict[tuple[str, int, int], str] = {}
@@ -94,7 +97,7 @@ def check(store: InputStore, plan: Plan, files: Sequence[Path]) -> InputCheck:
         st = store.stat(f)
         if st.size != rec["size"]:
             return InputCheck(False, None, hashes)
-        if st.mtime_ns == rec["mtime_ns"]:
+        if _unchanged(rec, st):
             refreshed.append({**rec, "path": str(f)})
             continue
         digest = file_sha256(store, f)
@@ -102,11 +105,22 @@ def check(store: InputStore, plan: Plan, files: Sequence[Path]) -> InputCheck:
         if digest != rec["sha256"]:
             return InputCheck(False, None, hashes)
         refreshed.append({**rec, "path": str(f), "mtime_ns": st.mtime_ns})
+        if st.etag is not None:
+            refreshed[-1]["etag"] = st.etag
         touched = True
     return InputCheck(True, refreshed if touched else None, hashes)
 
 
-def _legacy(store: InputStore, files: Sequence[Path]) -> list[FileMark]:
+def _unchanged(rec: FileMark, st: FileStat) -> bool:
+    """Whether a file of the recorded size can be trusted without reading it: on a store, its
+    ETag is the one recorded (a new upload, even of the same bytes, changes it: then it is hashed);
+    on a disk, its mtime is."""
+    if "etag" in rec or st.etag is not None:
+        return rec.get("etag") == st.etag
+    return st.mtime_ns == rec["mtime_ns"]
+
+
+def _legacy(store: InputStore, files: Sequence[PurePath]) -> list[FileMark]:
     """Fingerprints as version 1 made them (whole up to 64 MB, first and last MB above)."""
     out: list[FileMark] = []
     for f in files:

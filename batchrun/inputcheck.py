@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
@@ -19,7 +19,7 @@ from .storage import InputStore, input_store
 from .wire import COLUMNS, result_columns
 
 if TYPE_CHECKING:
-    from .config import InputFiles, InputSection, JobSpec
+    from .config import InputFiles, InputSection, JobSpec, StorageSection
 
 # Columns batchrun adds to every output row of a custom job (OpenAI protocols add more); an
 # input column with one of these names is refused.
@@ -44,14 +44,20 @@ def with_input(spec: JobSpec) -> JobSpec:
         path=spec.input_pattern, prompt_column=spec.prompt_column, template=spec.template,
         messages_column=spec.messages_column, id_column=spec.id_column, format=spec.input_format_option,
     )
-    found, problems = scan_input(section, spec.job_path.parent, spec.template_fields, result_columns(spec))
+    found, problems = scan_input(
+        section, spec.job_path.parent, spec.template_fields, result_columns(spec), spec.storage
+    )
     if problems:
         raise JobError([f"{spec.job_path}: {p}" for p in problems])
     return spec.model_copy(update={"input": found})
 
 
 def scan_input(
-    inp: InputSection, base: Path, template_fields: tuple[str, ...], added: tuple[str, ...] = RESULT_COLUMNS
+    inp: InputSection,
+    base: Path,
+    template_fields: tuple[str, ...],
+    added: tuple[str, ...] = RESULT_COLUMNS,
+    storage: StorageSection | None = None,
 ) -> tuple[InputFiles | None, list[str]]:
     """The files ``inp`` names, their format and columns, and what is wrong with them for this
     job (each problem worded "input.<key>: ...")."""
@@ -59,9 +65,9 @@ def scan_input(
 
     problems: list[str] = []
     try:
-        files = tuple(source.resolve_input(inp.path, base))
+        files = tuple(source.resolve_input(inp.path, base, storage))
         fmt: Literal["csv", "parquet"] = inp.format or source.detect_format(files)
-        schema = read_schema(files, fmt, input_store(inp.path))
+        schema = read_schema(files, fmt, input_store(inp.path, storage))
     except JobError as exc:
         return None, [f"input.path: {p}" for p in exc.problems]
     columns = tuple(schema.names)
@@ -93,7 +99,7 @@ def _near_column(name: str, columns: tuple[str, ...]) -> str:
     return f"; did you mean '{by_lower[near[0]]}'?" if near else ""
 
 
-def read_schema(files: Sequence[Path], fmt: str, store: InputStore) -> pa.Schema:
+def read_schema(files: Sequence[PurePath], fmt: str, store: InputStore) -> pa.Schema:
     """The input's columns and their types (CSV: all text); every file of a glob must have the
     same columns, in order, of the same types (Arrow cannot join a column of two types)."""
     first: pa.Schema | None = None
@@ -123,7 +129,7 @@ def read_schema(files: Sequence[Path], fmt: str, store: InputStore) -> pa.Schema
     return first if first is not None else pa.schema([])
 
 
-def _file_schema(store: InputStore, path: Path, fmt: str) -> pa.Schema:
+def _file_schema(store: InputStore, path: PurePath, fmt: str) -> pa.Schema:
     if fmt == "csv":
         return pa.schema([(name, pa.string()) for name in csvinput.header(store, path)])
     try:

@@ -28,6 +28,7 @@ class FileMark(TypedDict, total=False):
     mtime_ns: int
     sha256: str
     sample_sha256: str
+    etag: str  # objects on a store: what tells one upload from another (absent for local files)
 
 
 @dataclass(frozen=True)

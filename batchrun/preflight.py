@@ -17,7 +17,7 @@ import json
 import os
 import ssl
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from . import fingerprint as fingerprints
@@ -97,12 +97,15 @@ def check_output_path(spec: JobSpec) -> None:
     """Refuse an output path that is a folder, cannot be made, or is (or would be) one of the
     job's input files."""
     out = spec.output_path
+    if not isinstance(out, Path):  # an object store: no folders to be in the way
+        _check_object_output(spec, out)
+        return
     if out.is_dir():
         raise JobError(f"{spec.job_path}: output.path: is a directory, not a file ({out})")
     blocker = next((p for p in out.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise JobError(f"{spec.job_path}: output.path: {blocker} is a file, so the output folder cannot be made")
-    clash = next((f for f in spec.input_files if _same_file(f, out)), None)
+    clash = next((f for f in spec.input_files if isinstance(f, Path) and _same_file(f, out)), None)
     if clash is not None:
         raise JobError(
             f"{spec.job_path}: output.path: {out} is an input file (input.path "
@@ -113,6 +116,19 @@ def check_output_path(spec: JobSpec) -> None:
         raise JobError(
             f"{spec.job_path}: output.path: {out} matches the input pattern {spec.input_pattern!r}; "
             "the next run would read its own output as input: choose another output path or pattern"
+        )
+
+
+def _check_object_output(spec: JobSpec, out: PurePath) -> None:
+    """``check_output_path`` for an output on an object store: not one of the input objects, and
+    not a key the input pattern would list."""
+    if out in spec.input_files or (
+        str(spec.input_pattern).startswith("s3://") and _match_parts(PurePath(spec.input_pattern[5:]).parts, out.parts)
+    ):
+        raise JobError(
+            f"{spec.job_path}: output.path: {out} is read by the input pattern {spec.input_pattern!r}; "
+            "the output would replace its own input, or the next run would read it as input: "
+            "choose another output path or pattern"
         )
 
 
@@ -187,7 +203,7 @@ def check_saved_progress(
         for k in keys
         if saved.get(k, defaults.get(k)) != settings.get(k, defaults.get(k))
     ]
-    seen = fingerprints.check(input_store(spec.input_pattern), plan, spec.input_files)
+    seen = fingerprints.check(input_store(spec.input_pattern, spec.storage), plan, spec.input_files)
     if not changed and (seen.same or (spec.id_column and allow_incremental)):
         return seen
     if not allow_incremental and not changed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from .config import JobSpec, load_job
@@ -248,12 +248,12 @@ def failure_status(exc: BatchrunError) -> str:
     return next((name for cls, name in _FAILURE_STATUS if isinstance(exc, cls)), "error")
 
 
-def summary_path(spec: JobSpec, part: Shard | None) -> Path:
+def summary_path(spec: JobSpec, part: Shard | None) -> PurePath:
     suffix = f".{part.slug}.summary.json" if part else ".summary.json"
     return spec.output_path.with_name(spec.output_path.name + suffix)
 
 
-def success_path(spec: JobSpec) -> Path:
+def success_path(spec: JobSpec) -> PurePath:
     return spec.output_path.with_name(spec.output_path.name + ".SUCCESS")
 
 

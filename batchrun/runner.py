@@ -215,6 +215,7 @@ def _run_locked(
             state.reset()
         state.ensure_dirs()
         state.clear_leftovers(spec.output_path)
+        output_store(spec).clear_leftovers(spec.output_path)
         plan = _plan(spec, state, allow_incremental=part is None)
         check_output_owned(spec, state)
     summary.total_rows = plan.rows
@@ -378,7 +379,7 @@ def _plan(spec: JobSpec, state: ProgressStore, *, allow_incremental: bool = True
         log.warning("the run state in %s had no readable plan; its progress is discarded", state.root)
         state.reset()
         state.drop_carry()
-    fingerprint = fingerprints.take(input_store(spec.input_pattern), spec.input_files, hashed)
+    fingerprint = fingerprints.take(input_store(spec.input_pattern, spec.storage), spec.input_files, hashed)
     check_sample(spec)
     rows = source.count_rows_and_check_ids(spec)
     if rows == 0:

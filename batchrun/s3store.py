@@ -49,21 +49,23 @@ import os
 import re
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-from .errors import JobError, ObjectStoreError, StoreFault
+from .errors import BatchrunError, JobError, ObjectStoreError, StoreFault, StoreUnreachableError
 from .localfs import STORAGE_ERRNOS, crashpoint, storage_error
 from .storage import FileStat
 
+STAGING_STALE_S = 600.0  # a staging object this old is a crashed writer's (clear_leftovers)
 COPY_LIMIT = 5 << 30  # CopyObject copies at most 5 GiB on AWS S3; larger objects are uploaded in place
 UPLOAD_CHUNK = 8 << 20
 FLUSH_EVERY = 4  # chunks between waits for the parts in flight: pyarrow queues them unbounded
@@ -122,15 +124,22 @@ def s3_filesystem(
     """
     options: dict[str, Any] = {"region": region} if region else {}
     if endpoint_url:
-        url = urlsplit(endpoint_url)
-        if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
-            raise JobError(f"storage.endpoint_url: must be http(s)://host[:port] (got {endpoint_url!r})")
-        if url.scheme == "http" and not allow_http and url.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise JobError(
-                f"storage.endpoint_url: plain http to {url.hostname} would send the data in clear; use https"
-            )
+        url = check_endpoint_url(endpoint_url, allow_http=allow_http)
         options.update(endpoint_override=url.netloc, scheme=url.scheme)
     return pafs.S3FileSystem(**options)
+
+
+def check_endpoint_url(endpoint_url: str, *, allow_http: bool = False) -> SplitResult:
+    """``storage.endpoint_url`` split, or ``JobError`` saying what is wrong with it."""
+    url = urlsplit(endpoint_url)
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+        raise JobError(f"storage.endpoint_url: must be http(s)://host[:port] (got {endpoint_url!r})")
+    if url.scheme == "http" and not allow_http and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise JobError(
+            f"storage.endpoint_url: plain http to {url.hostname} would send the data in clear; "
+            "use https (or set storage.allow_http = true on a network you trust)"
+        )
+    return url
 
 
 class S3Store:
@@ -184,13 +193,23 @@ class S3Store:
         return files
 
     def stat(self, path: PurePath) -> FileStat:
-        """Size and Last-Modified. S3 keeps whole seconds: an object rewritten with the same size
-        within a second keeps its ``FileStat``; ``etag`` tells such rewrites apart."""
+        """Size, Last-Modified and ETag. S3 keeps whole seconds: an object rewritten with the
+        same size within a second keeps its size and mtime; its ETag tells such rewrites apart,
+        and is what input change detection trusts (``fingerprint``)."""
         loc = _s3(path)
         info = self._info(loc, "read")
         if info.type != pafs.FileType.File:
             self._missing(loc, "read")
-        return FileStat(info.size, info.mtime_ns or 0)
+        return FileStat(info.size, info.mtime_ns or 0, self.etag(loc))
+
+    def read_failure(self, exc: BaseException, path: PurePath) -> BatchrunError | None:
+        """A read that failed because the store stopped answering (after pyarrow's retries) is
+        ``StoreUnreachableError`` (exit 74, progress kept); any other failure is the object's."""
+        if isinstance(exc, OSError):
+            error = self._error(exc, "read", _s3(path))
+            if error.fault is StoreFault.UNREACHABLE:
+                return error
+        return None
 
     def etag(self, path: PurePath) -> str | None:
         """The object's ETag (one HEAD), None when there is no object. It changes with every
@@ -325,7 +344,19 @@ class S3Store:
     def leftovers(self, path: PurePath) -> list[S3Path]:
         """Staging objects a crashed ``publish`` left beside ``path`` (``.NAME.tmp-PID-RAND``)."""
         loc = _s3(path)
-        return self.beside(loc, f".{loc.name}.tmp-*")
+        return self.beside(loc, f".{loc.name}*.tmp-*")
+
+    def clear_leftovers(self, path: PurePath, *, older_than_s: float = STAGING_STALE_S) -> None:
+        """Remove staging objects beside ``path`` older than ``older_than_s``. A writer on another
+        host cannot be asked whether it lives (no pid to check), but a staging object is copied to
+        its final key the moment its upload ends: one that has sat for minutes is a crashed
+        writer's, and removing a live one would only fail that writer's publish, never show a
+        partial output."""
+        now_ns = time.time_ns()
+        for loc in self.leftovers(path):
+            info = self._info(loc, "check")
+            if info.mtime_ns is not None and now_ns - info.mtime_ns > older_than_s * 1e9:
+                self.remove(loc)
 
     # -- requests and their errors -------------------------------------------------------------
     def _call(self, operation: str, loc: S3Path, fn: Callable[..., Any], *args: Any) -> Any:
@@ -400,6 +431,8 @@ class S3Store:
             )
         else:
             msg = f"{where}: {detail}"
+        if fault is StoreFault.UNREACHABLE:
+            return StoreUnreachableError(msg, fault=fault, operation=operation, location=str(loc))
         return ObjectStoreError(msg, fault=fault, operation=operation, location=str(loc))
 
     # -- uploads -------------------------------------------------------------------------------

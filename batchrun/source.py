@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -14,22 +14,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import csvinput
-from .errors import JobError
+from .errors import BatchrunError, JobError
 from .iddigests import IdDigests
 from .storage import InputStore, input_store
 
 if TYPE_CHECKING:
-    from .config import JobSpec
+    from .config import JobSpec, StorageSection
 
 PARQUET_BUFFER_BYTES = 1 << 20
 
 
-def resolve_input(pattern: str, base: Path) -> list[Path]:
+def resolve_input(pattern: str, base: Path, storage: StorageSection | None = None) -> list[PurePath]:
     """The input files a pattern names, relative to ``base``, sorted so positions are stable."""
-    return input_store(pattern).expand(pattern, base)
+    return list(input_store(pattern, storage).expand(pattern, base))
 
 
-def detect_format(files: Sequence[Path]) -> Literal["csv", "parquet"]:
+def detect_format(files: Sequence[PurePath]) -> Literal["csv", "parquet"]:
     """``csv`` or ``parquet``, from the files' extensions (all files must agree)."""
     kinds: set[Literal["csv", "parquet"]] = set()
     for f in files:
@@ -62,7 +62,7 @@ def iter_batches(
     row = start_row  # the input row of the next row yielded
     # A glob's files may disagree on a column's nullability, which Arrow would refuse to join.
     conform = spec.input_format == "parquet" and len(spec.input_files) > 1
-    store = input_store(spec.input_pattern)
+    store = input_store(spec.input_pattern, spec.storage)
     for f in spec.input_files:
         file_start = row - skip
         try:
@@ -86,11 +86,11 @@ def iter_batches(
             raise _unreadable(spec, f, columns, exc, row - file_start, chunk_rows) from None
 
 
-def read_sample(spec: JobSpec, path: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+def read_sample(spec: JobSpec, path: PurePath, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
     """One file's first row group (Parquet) or first block (CSV) of ``columns``, read and checked
     as ``iter_batches`` reads them: a cheap proof that the file can be read at all."""
     row = 0
-    store = input_store(spec.input_pattern)
+    store = input_store(spec.input_pattern, spec.storage)
     try:
         if spec.input_format == "csv":
             batches = csvinput.batches(store, path, columns, spec.csv_block_bytes)
@@ -120,9 +120,13 @@ def one_line(exc: BaseException) -> str:
 
 
 def _unreadable(
-    spec: JobSpec, path: Path, columns: Sequence[str] | None, exc: BaseException, at: int, span: int
-) -> JobError:
-    """The error for a file that failed to read at or after its row ``at``."""
+    spec: JobSpec, path: PurePath, columns: Sequence[str] | None, exc: BaseException, at: int, span: int
+) -> BatchrunError:
+    """The error for a file that failed to read at or after its row ``at``: the store's when it
+    stopped answering, else the file's."""
+    failure = input_store(spec.input_pattern, spec.storage).read_failure(exc, path)
+    if failure is not None:
+        return failure
     if isinstance(exc, pa.ArrowInvalid) and csvinput.straddles(exc):
         return JobError(
             f"{path.name}: a CSV row is longer than input.csv_max_row_mb "
@@ -131,7 +135,7 @@ def _unreadable(
         )
     where = ""
     if spec.input_format == "parquet":
-        found = _find_damage(input_store(spec.input_pattern), path, columns, at, span)
+        found = _find_damage(input_store(spec.input_pattern, spec.storage), path, columns, at, span)
         if found is not None:
             name, group, lo, hi = found
             where = f" (column {name!r}, row group {group}: rows {lo}-{hi - 1} of the file)"
@@ -140,7 +144,7 @@ def _unreadable(
 
 def _find_damage(
     store: InputStore,
-    path: Path, columns: Sequence[str] | None, at: int, span: int
+    path: PurePath, columns: Sequence[str] | None, at: int, span: int
 ) -> tuple[str, int, int, int] | None:
     """The first column and row group that fail to read alone, among the row groups a failed
     read of ``span`` rows from row ``at`` touched; None if none does (or the footer itself fails)."""
@@ -167,7 +171,7 @@ def _find_damage(
         pf.close()
 
 
-def _checked(batch: pa.RecordBatch, path: Path, row: int) -> pa.RecordBatch:
+def _checked(batch: pa.RecordBatch, path: PurePath, row: int) -> pa.RecordBatch:
     """``batch`` (rows from ``row`` of its file on) if its values are valid (every string UTF-8,
     every offset in bounds); else a ``JobError`` naming the file, column and, for text, the row."""
     try:
@@ -213,7 +217,7 @@ def _drop_head(batch: pa.RecordBatch, skip: int) -> tuple[pa.RecordBatch | None,
 
 def _parquet_batches(
     store: InputStore,
-    path: Path, columns: Sequence[str] | None, chunk_rows: int, skip: int
+    path: PurePath, columns: Sequence[str] | None, chunk_rows: int, skip: int
 ) -> tuple[Iterator[pa.RecordBatch], int]:
     """Batches of one Parquet file from its first row group holding row ``skip``, and how many
     rows of what they yield are still to skip."""
@@ -238,7 +242,7 @@ def _parquet_batches(
     return batches(), skip
 
 
-def _open_parquet(store: InputStore, path: Path) -> pq.ParquetFile:
+def _open_parquet(store: InputStore, path: PurePath) -> pq.ParquetFile:
     # pre_buffer (pyarrow's default) keeps every row group read until the file is closed: a
     # 3 GB input held 2.6 GB by its end. buffer_size streams each column chunk page by page
     # instead of reading it whole (a row group of wide rows can be gigabytes). Pages written
@@ -307,9 +311,9 @@ def count_rows_and_check_ids(spec: JobSpec) -> int:
     return total
 
 
-def _parquet_rows(spec: JobSpec, path: Path) -> int:
+def _parquet_rows(spec: JobSpec, path: PurePath) -> int:
     try:
-        with input_store(spec.input_pattern).open(path) as fh:
+        with input_store(spec.input_pattern, spec.storage).open(path) as fh:
             rows: int = pq.read_metadata(fh).num_rows
         return rows
     except (pa.ArrowException, OSError) as exc:

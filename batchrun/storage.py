@@ -17,54 +17,64 @@ What any implementation must guarantee is written on each method.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pyarrow as pa
 
-from .errors import JobError, StorageError
-from .localfs import atomic_path, read_json, storage_error, write_json_atomic
+from .errors import BatchrunError, JobError, StorageError
+from .localfs import atomic_path, output_temps, read_json, remove_stale_temps, storage_error, write_json_atomic
 
 if TYPE_CHECKING:
-    from .config import JobSpec
+    from .config import JobSpec, StorageSection
     from .plan import Plan
+    from .s3store import S3Store
     from .segments import SegmentInfo
 
 
 class FileStat(NamedTuple):
     size: int
     mtime_ns: int
+    # An object store's version tag (S3's ETag): it changes with every upload, as mtime does on a
+    # disk, and unlike an object's Last-Modified (whole seconds) it tells two uploads in a second apart.
+    etag: str | None = None
 
 
 class InputStore(Protocol):
-    def expand(self, pattern: str, base: Path) -> list[Path]:
+    def expand(self, pattern: str, base: Path) -> Sequence[PurePath]:
         """The files ``pattern`` (a path or a glob, relative to ``base``) names, sorted, so a
         row's position is the same on every run. ``JobError`` saying why when there is none."""
         ...
 
-    def stat(self, path: Path) -> FileStat:
+    def stat(self, path: PurePath) -> FileStat:
         """Size and modification time; ``JobError`` naming the file when it cannot be read."""
         ...
 
-    def open(self, path: Path) -> pa.NativeFile:
+    def open(self, path: PurePath) -> pa.NativeFile:
         """A random-access reader of the file's bytes (seek and ranged reads), closed by the
         caller; ``OSError`` when the file cannot be opened."""
         ...
 
+    def read_failure(self, exc: BaseException, path: PurePath) -> BatchrunError | None:
+        """The store's own error when a read of ``path`` failed for the store's sake (it did not
+        answer: exit 74, run again), None when the file's bytes are to blame."""
+        ...
+
 
 class OutputStore(Protocol):
-    def ready(self, path: Path, *, create: bool) -> None:
+    def ready(self, path: PurePath, *, create: bool) -> None:
         """Prove a file can be published at ``path`` (``create``: make its folder and write a
         probe; without it write nothing); ``StorageError`` naming the place if not."""
         ...
 
     def publish(
-        self, path: Path, kind: str, before_visible: Callable[[dict[str, int]], None]
+        self, path: PurePath, kind: str, before_visible: Callable[[dict[str, int]], None]
     ) -> AbstractContextManager[Path]:
         """A place to write the file that ``path`` will show: on a clean exit of the block the
         file appears there whole, replacing any other; on an error nothing is visible and the
@@ -72,25 +82,30 @@ class OutputStore(Protocol):
         can see it there, so a crash in between never leaves a file whose author is unknown."""
         ...
 
-    def identity(self, path: Path) -> dict[str, int] | None:
+    def identity(self, path: PurePath) -> dict[str, int] | None:
         """What tells this file from any other at that path (None: there is none)."""
         ...
 
-    def exists(self, path: Path) -> bool: ...
+    def exists(self, path: PurePath) -> bool: ...
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: PurePath) -> None:
         """Remove the file if it is there."""
         ...
 
-    def read_json(self, path: Path) -> dict[str, Any] | None:
+    def read_json(self, path: PurePath) -> dict[str, Any] | None:
         """A JSON object; None when it is missing or unreadable."""
         ...
 
-    def write_json(self, path: Path, doc: dict[str, Any], kind: str) -> None:
+    def write_json(self, path: PurePath, doc: dict[str, Any], kind: str) -> None:
         """Publish a small JSON document, whole or not at all (its folder made if need be)."""
         ...
 
-    def beside(self, path: Path, pattern: str) -> list[Path]:
+    def clear_leftovers(self, path: PurePath) -> None:
+        """Remove the temporary files or staging objects a crashed publish left beside ``path``
+        (never one a live writer may still use)."""
+        ...
+
+    def beside(self, path: PurePath, pattern: str) -> Sequence[PurePath]:
         """The files next to ``path`` whose names match the glob ``pattern``, sorted."""
         ...
 
@@ -164,11 +179,11 @@ class LocalStore:
     """Local disks: glob, ``open``, write-fsync-rename and a folder probe."""
 
     # -- input ---------------------------------------------------------------------------------
-    def expand(self, pattern: str, base: Path) -> list[Path]:
+    def expand(self, pattern: str, base: Path) -> list[PurePath]:
         full = pattern if os.path.isabs(pattern) else str(base / pattern)
         if glob.has_magic(full):
             found = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
-            files = [p for p in found if p.is_file()]
+            files: list[PurePath] = [p for p in found if p.is_file()]
             if not files:
                 dirs = " (it matches only directories)" if found else ""
                 raise JobError(f"no file matches {pattern!r}{dirs} (looked in {base})")
@@ -182,22 +197,25 @@ class LocalStore:
             raise JobError(f"input file not found: {path}")
         return [path]
 
-    def stat(self, path: Path) -> FileStat:
+    def stat(self, path: PurePath) -> FileStat:
         try:
-            st = path.stat()
+            st = Path(path).stat()
         except OSError as exc:
             raise JobError(f"cannot read {path.name}: {exc.strerror or exc}") from None
         return FileStat(st.st_size, st.st_mtime_ns)
 
-    def open(self, path: Path) -> pa.NativeFile:
+    def open(self, path: PurePath) -> pa.NativeFile:
         return pa.OSFile(str(path), "rb")
 
+    def read_failure(self, exc: BaseException, path: PurePath) -> BatchrunError | None:
+        return None  # a local read that fails is the file's (its errors name the file already)
+
     # -- output --------------------------------------------------------------------------------
-    def ready(self, path: Path, *, create: bool) -> None:
+    def ready(self, path: PurePath, *, create: bool) -> None:
         # ``create`` writes and removes a probe file: the only proof that holds for root and on
         # read-only mounts alike. Without it (``validate`` writes nothing), the nearest existing
         # folder is asked with access(2), which sees modes and read-only mounts.
-        folder = path.parent
+        folder = Path(path).parent
         if not create:
             existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
             if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
@@ -214,8 +232,9 @@ class LocalStore:
 
     @contextmanager
     def publish(
-        self, path: Path, kind: str, before_visible: Callable[[dict[str, int]], None]
+        self, path: PurePath, kind: str, before_visible: Callable[[dict[str, int]], None]
     ) -> Iterator[Path]:
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, kind) as tmp:
             yield tmp
@@ -223,46 +242,83 @@ class LocalStore:
             assert identity is not None, f"{kind}: nothing was written to {tmp}"
             before_visible(identity)
 
-    def identity(self, path: Path) -> dict[str, int] | None:
+    def identity(self, path: PurePath) -> dict[str, int] | None:
         # Size and modification time in nanoseconds: a rename keeps both, a rewrite changes them.
         try:
-            st = path.stat()
+            st = Path(path).stat()
         except FileNotFoundError:
             return None
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
-    def exists(self, path: Path) -> bool:
-        return path.exists()
+    def exists(self, path: PurePath) -> bool:
+        return Path(path).exists()
 
-    def remove(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
+    def remove(self, path: PurePath) -> None:
+        Path(path).unlink(missing_ok=True)
 
-    def read_json(self, path: Path) -> dict[str, Any] | None:
-        return read_json(path)
+    def read_json(self, path: PurePath) -> dict[str, Any] | None:
+        return read_json(Path(path))
 
-    def write_json(self, path: Path, doc: dict[str, Any], kind: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, doc, kind)
+    def write_json(self, path: PurePath, doc: dict[str, Any], kind: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(path), doc, kind)
 
-    def beside(self, path: Path, pattern: str) -> list[Path]:
-        return sorted(path.parent.glob(pattern))
+    def beside(self, path: PurePath, pattern: str) -> list[PurePath]:
+        return sorted(Path(path).parent.glob(pattern))
+
+    def clear_leftovers(self, path: PurePath) -> None:
+        remove_stale_temps(Path(path).parent, output_temps(Path(path)))
 
 
 LOCAL = LocalStore()
 
 
-def input_store(pattern: str) -> InputStore:
-    """The store an input path or glob (``input.path``) is read from."""
+def input_store(pattern: str, storage: StorageSection | None = None) -> InputStore:
+    """The store an input path or glob (``input.path``) is read from: ``s3://`` on S3 (through
+    ``[storage]``), anything else the local disk."""
+    if pattern.startswith("s3://"):
+        return s3_store(storage)
     return LOCAL
 
 
 def output_store(spec: JobSpec) -> OutputStore:
     """The store a job's output and its reports (summary, success marker) are published to."""
+    if _on_s3(spec.output_path):
+        return s3_store(spec.storage)
     return LOCAL
 
 
 def progress_store(spec: JobSpec) -> ProgressStore:
     """Where a job's run state is kept (``output.state_dir``)."""
+    from .s3store import S3Path
+
+    if isinstance(spec.state_dir, S3Path):
+        from .s3state import S3RunState
+
+        state: ProgressStore = S3RunState(spec.state_dir, s3_store(spec.storage).fs)
+        return state
     from .checkpoint import RunState
 
+    assert isinstance(spec.state_dir, Path)
     return RunState(spec.state_dir)
+
+
+def s3_store(storage: StorageSection | None) -> S3Store:
+    """The ``s3store.S3Store`` of a job's ``[storage]`` (one per set of options in a process:
+    pyarrow's S3 client is made once and shared)."""
+    options = (None, None, False) if storage is None else (storage.endpoint_url, storage.region, storage.allow_http)
+    return _s3_store(*options)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_store(endpoint_url: str | None, region: str | None, allow_http: bool) -> S3Store:
+    from .s3store import S3Store, s3_filesystem
+
+    filesystem = s3_filesystem(endpoint_url=endpoint_url, region=region, allow_http=allow_http)
+    return S3Store(filesystem, endpoint_url=endpoint_url)
+
+
+def _on_s3(location: PurePath) -> bool:
+    from .s3store import S3Path
+
+    return isinstance(location, S3Path)

@@ -98,3 +98,44 @@ def test_the_vllm_auto_benchmark_runs_against_an_openai_compatible_endpoint(tmp_
     auto = figures["runs"]["auto"][0]
     assert auto["concurrency_limit"] >= 1 and auto["concurrency_cuts"] >= 0 and auto["limits"]
     assert positive(figures["whole run"]["auto_share"]) and positive(figures["steady state"]["auto_share"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_fleet_benchmark_runs_every_control_and_contender_at_smoke_size_and_prints_its_figures(
+    tmp_path: Path,
+) -> None:
+    """``tests.benchmarks.fleet`` at a tiny size: three replicas of capacities 1:2:4 in processes of
+    their own, each alone and the fleet with auto, 2, 4 and 32. Every run answers every row, the
+    replicas' own counts agree with it, and the table and headline figures are printed."""
+    figures_path = tmp_path / "fleet.json"
+    ran = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.fleet", "--rows", "320", "--rounds", "1",
+         "--workdir", str(tmp_path / "work"), "--json", str(figures_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
+    )
+    print(ran.stdout)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    figures = json.loads(figures_path.read_text())
+    runs = figures["runs"]
+    assert list(runs) == ["alone 16", "alone 32", "alone 64", "fleet auto", "fleet 2", "fleet 4", "fleet 32"]
+    assert figures["rows_alone"] == {"16": 48, "32": 96, "64": 176}
+    for name, (r,) in runs.items():
+        assert r["ended"] == "complete" and r["answered"] == r["rows"] and positive(r["rate"]), (name, r["ended"])
+        assert sum(r["served"]) >= r["rows"] and all(s >= 0 for s in r["shed"]), (name, r["served"], r["shed"])
+        # The run's own figures per replica match what the replicas counted.
+        assert [x["requests"] for x in r["replicas"]] == r["requests"], (name, r["replicas"], r["requests"])
+        if name.startswith("fleet"):
+            assert len(r["served"]) == 3 and all(s > 0 for s in r["served"]), (name, r["served"])
+        else:
+            assert len(r["served"]) == 1 and r["rows"] == figures["rows_alone"][name.split()[1]]
+    auto = runs["fleet auto"][0]
+    assert len(auto["limits"]) == 3 and all(isinstance(x, int) and x >= 1 for x in auto["limits"]), auto["limits"]
+    fig = figures["figures"]
+    assert positive(fig["summed_capacity"]) and set(fig["shares"]) == {"fleet auto", "fleet 2", "fleet 4", "fleet 32"}
+    assert all(positive(s) for s in fig["shares"].values()) and positive(fig["auto_share_by_round"][0])
+    for name in runs:
+        assert f"| {name} |" in ran.stdout, name
+    assert "summed capacity (the replicas alone, medians):" in ran.stdout
+    assert f"fleet auto: {fig['medians']['fleet auto']:,.0f} prompts/s = {fig['shares']['fleet auto']:.3f} of summed capacity" in ran.stdout
+    assert "fleet fixed 32:" in ran.stdout and "requests shed" in ran.stdout

@@ -25,7 +25,7 @@ from conftest import wait_for
 from s3server import CountingProxy, SeaweedS3, free_port_pairs, weed_binary
 
 from batchrun import csvinput, s3store, source
-from batchrun.errors import JobError, ObjectStoreError, StorageError, StoreFault
+from batchrun.errors import JobError, ObjectStoreError, StorageError, StoreFault, StoreUnreachableError
 from batchrun.s3store import S3Path, S3Store, s3_filesystem
 
 REGION = "us-east-1"
@@ -289,6 +289,20 @@ def test_publish_shows_the_whole_file_with_the_identity_recorded_first(
     assert store.leftovers(loc) == []
     with s3.filesystem().open_input_file(loc.fs_path) as f:
         assert f.metadata()["Content-Type"].decode() == f"application/vnd.apache.parquet; x-batchrun-sha256={digest}"
+
+
+def test_pyarrow_completes_an_upload_cut_short_which_is_why_publish_stages(s3: SeaweedS3, bucket: str) -> None:
+    """The fact publish is designed around (pyarrow 26): an upload stream closed by an exception
+    still completes its multipart upload, so the half written shows as an object; pyarrow has no
+    abort in Python. Should this fail one day, pyarrow aborts such uploads and publish could
+    upload in place instead of staging and copying."""
+    fs = s3.filesystem()
+    with pytest.raises(RuntimeError):
+        with fs.open_output_stream(f"{bucket}/half") as f:
+            f.write(b"x" * 100)
+            raise RuntimeError("cut short")
+    assert fs.get_file_info(f"{bucket}/half").size == 100
+    assert not hasattr(f, "abort")
 
 
 def publish_bytes(store: S3Store, loc: S3Path, data: bytes) -> dict[str, int]:
@@ -606,7 +620,7 @@ def test_an_unreachable_endpoint_is_named(s3: SeaweedS3, bucket: str) -> None:
         with pytest.raises(ObjectStoreError) as info:
             call()
         text = str(info.value)
-        assert info.value.fault is StoreFault.UNREACHABLE and info.value.exit_code == 2
+        assert info.value.fault is StoreFault.UNREACHABLE and info.value.exit_code == 74
         assert text.startswith(f"cannot {info.value.operation} {loc}: the S3 endpoint {url} did not answer (")
         assert "Could not connect to server" in text
         assert text.endswith("); check storage.endpoint_url and that the store is up, then run the same command")
@@ -622,3 +636,44 @@ def test_paths_of_other_stores_are_refused(store: S3Store) -> None:
     with pytest.raises(TypeError, match="takes S3Path locations"):
         store.stat(PurePosixPath("bucket/key"))
     assert json.dumps(str(S3Path("b", "k"))) == '"s3://b/k"'
+
+
+def test_staging_objects_of_a_crashed_publish_are_cleared_once_stale(s3: SeaweedS3, bucket: str, store: S3Store) -> None:
+    """A writer killed between its staged upload and the copy leaves ``.NAME.tmp-*``: the next
+    run removes it once it is older than a live writer could leave one, and nothing else."""
+    out = S3Path(bucket, "run/answers.parquet")
+    publish_bytes(store, out, b"the output")
+    with s3.filesystem().open_output_stream(f"{bucket}/run/.answers.parquet.tmp-123-abcd") as f:
+        f.write(b"half of a crashed run's upload")
+    with s3.filesystem().open_output_stream(f"{bucket}/run/.other.parquet.tmp-1-x") as f:
+        f.write(b"another output's")
+    store.clear_leftovers(out)  # fresh: could be a live writer's
+    assert ".answers.parquet.tmp-123-abcd" in [p.name for p in store.leftovers(out)]
+    store.clear_leftovers(out, older_than_s=0)
+    assert store.leftovers(out) == []
+    assert keys(s3, bucket) == ["run/.other.parquet.tmp-1-x", "run/answers.parquet"]
+
+
+def test_a_store_that_stops_answering_mid_read_is_exit_74_not_a_damaged_file(
+    private_s3: SeaweedS3, tmp_path: Path
+) -> None:
+    """The input's store killed between two row groups: the read fails, and the store (not the
+    object) is blamed: ``StoreUnreachableError``, exit 74, naming the object and the endpoint."""
+    server = private_s3
+    bucket = server.make_bucket("input")
+    local = tmp_path / "big.parquet"
+    pq.write_table(big_table(), local, row_group_size=50_000)
+    loc = S3Path(bucket, "in/big.parquet")
+    put(server, loc, local.read_bytes())
+    store = store_at(server.endpoint_url)
+    pf = source._open_parquet(store, loc)
+    pf.read_row_group(0, columns=["id"])
+    server.kill()
+    with pytest.raises(OSError) as raised:
+        pf.read_row_group(5, columns=["id"])
+    pf.close()
+    failure = store.read_failure(raised.value, loc)
+    assert isinstance(failure, StoreUnreachableError) and failure.exit_code == 74
+    assert str(failure).startswith(f"cannot read {loc}: the S3 endpoint {server.endpoint_url} did not answer")
+    # A read that fails on the object's own bytes is not the store's.
+    assert store.read_failure(pa.ArrowInvalid("Parquet magic bytes not found"), loc) is None

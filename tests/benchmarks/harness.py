@@ -36,9 +36,12 @@ def free_port() -> int:
 class Endpoint:
     """``batchrun serve`` in its own process on a free loopback port."""
 
-    def __init__(self, latency_ms: float = 0.0, per_prompt_ms: float = 0.0):
+    def __init__(self, latency_ms: float = 0.0, per_prompt_ms: float = 0.0, *,
+                 capacity_prompts: int | None = None, queue_prompts: int = 0):
         self.latency_ms = latency_ms
         self.per_prompt_ms = per_prompt_ms
+        self.capacity_prompts = capacity_prompts  # the capacity model (``batchrun serve --capacity-prompts``)
+        self.queue_prompts = queue_prompts
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.base}/inference"
@@ -49,6 +52,8 @@ class Endpoint:
             BATCHRUN, "serve", "--host", "127.0.0.1", "--port", str(self.port),
             "--latency-ms", str(self.latency_ms), "--per-prompt-ms", str(self.per_prompt_ms),
         ]
+        if self.capacity_prompts is not None:
+            cmd += ["--capacity-prompts", str(self.capacity_prompts), "--queue-prompts", str(self.queue_prompts)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
