@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -18,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_exact, expected_output, prompt_rows, tally, write_csv, write_job
+from conftest import BATCHRUN, assert_exact, expected_output, prompt_rows, tally, write_csv, write_job
 from endpoint import LiveEndpoint
 from pyarrow import fs
 from s3server import SeaweedS3
@@ -32,7 +32,6 @@ from batchrun.server import ServerOptions
 
 BUCKET = "runs"
 REPO = Path(__file__).resolve().parent.parent
-DRIVER = Path(__file__).with_name("s3state_job.py")
 EXACT = {"lost": 0, "duplicated": 0, "misplaced": 0}
 KILLS = int(os.environ.get("BATCHRUN_S3_KILLS", 12))
 KILL_SEED = int(os.environ.get("BATCHRUN_KILL_SEED", 4))
@@ -49,17 +48,37 @@ def s3(s3_server: SeaweedS3) -> SeaweedS3:
     return s3_server
 
 
+def on_s3(s3: SeaweedS3, job: Path, state: str) -> Path:
+    """The job file with its run state on S3 (``output.state_dir``) and the store named in
+    ``[storage]``, as a user writes it (written once; a job started again keeps it)."""
+    text = job.read_text(encoding="utf-8")
+    if "state_dir" not in text:
+        text = text.replace("[output]\n", f'[output]\nstate_dir = "{state}"\n', 1)
+        text += f'\n[storage]\nendpoint_url = "{s3.endpoint_url}"\nregion = "{s3.region}"\n'
+        job.write_text(text, encoding="utf-8")
+    return job
+
+
 def start(
     s3: SeaweedS3, job: Path, state: str, *args: str, tmp: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    """The job in a process of its own, in the job's folder (with its own temporary folder)."""
-    env = {**{k: v for k, v in os.environ.items() if k != "BATCHRUN_CRASH_AT"}, **s3.env, **(env or {})}
+    """``batchrun JOB`` (``--shard I/N`` or ``--merge``: ``batchrun merge JOB``) in a process of
+    its own, in the job's folder (with its own temporary folder), credentials in the environment."""
+    base = {k: v for k, v in os.environ.items() if k != "BATCHRUN_CRASH_AT" and not k.startswith("AWS_")}
+    env = {**base, **s3.env, **(env or {})}
     if tmp is not None:
         env["TMPDIR"] = str(tmp)
+    on_s3(s3, job, state)
+    command = ["merge", str(job)] if "--merge" in args else ["run", str(job), "--quiet", *args]
     return subprocess.Popen(
-        [sys.executable, str(DRIVER), str(job), "--state", state, "--endpoint", s3.endpoint_url, *args],
-        cwd=job.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [str(BATCHRUN), *command], cwd=job.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def last_summary(job: Path) -> dict[str, Any]:
+    """The summary the job's last run wrote beside its (local) output."""
+    doc: dict[str, Any] = json.loads((job.parent / "out" / "result.parquet.summary.json").read_text())
+    return doc
 
 
 def state_of(s3: SeaweedS3, uri: str) -> S3RunState:
@@ -145,7 +164,7 @@ def test_kill_9_at_random_moments_with_the_state_on_s3_loses_duplicates_and_misp
             resent += resent_here
             before = Counter(ep.log.prompts_received[:mark])
             measured = sum(1 for p in ep.log.prompts_received[mark:] if before[p])
-        summary = json.loads(out)
+        summary = last_summary(job)
         # The journal on S3 is uploaded with partial saves: the count misses what was sent since
         # the last upload; it exceeds only by rows journaled but not yet on the wire (as locally).
         assert summary["prompts_resent"] <= measured + kills_here * IN_FLIGHT, (summary["prompts_resent"], measured)
@@ -171,48 +190,72 @@ def comparable(path: Path) -> pl.DataFrame:
 def test_four_shards_in_four_processes_sharing_only_the_bucket_merge_to_the_one_process_output(
     s3: SeaweedS3, tmp_path: Path
 ) -> None:
+    """Pods share nothing but the bucket: input, output and run state are on S3, and each of the
+    four shard processes (then the merge) runs in an empty folder of its own with its own
+    temporary folder, holding only the job file. The merged output is the one a single process
+    writes from the same input."""
     rows = prompt_rows(700)
-    state = f"s3://{BUCKET}/shards-{uuid.uuid4().hex[:8]}/state"
+    where = f"{BUCKET}/shards-{uuid.uuid4().hex[:8]}"
+    table = pa.Table.from_pylist(rows)
+    with s3.filesystem().open_output_stream(f"{where}/in/prompts.parquet") as f:
+        pq.write_table(table, f, row_group_size=100)
+    output = f"s3://{where}/out/answers.parquet"  # its state: s3://.../answers.parquet.batchrun
     run = {"batch_size": 8, "concurrency": 2, "checkpoint_rows": 32, "checkpoint_interval_s": 0.1}
     started = time.monotonic()
     with LiveEndpoint(ServerOptions(latency_s=0.01)) as ep:
 
         def pod(name: str) -> Path:
-            """An empty working folder and temporary folder of its own, with its own copy of
-            the job and the input (input and output on S3 are wired elsewhere)."""
+            """An empty working folder and temporary folder of its own, and the job file."""
             folder = tmp_path / name
             (folder / "tmp").mkdir(parents=True)
-            write_csv(folder / "input.csv", rows)
-            return write_job(folder, ep.url, run=run)
+            job = write_job(folder, ep.url, input_path=f"s3://{where}/in/prompts.parquet", output_path=output, run=run)
+            job.write_text(job.read_text(encoding="utf-8")
+                           + f'\n[storage]\nendpoint_url = "{s3.endpoint_url}"\nregion = "{s3.region}"\n')
+            return job
 
-        procs = [(i, start(s3, pod(f"pod-{i}"), state, "--shard", f"{i}/4", tmp=tmp_path / f"pod-{i}" / "tmp"))
-                 for i in range(1, 5)]
-        summaries = {}
+        def launch(job: Path, *command: str) -> subprocess.Popen[str]:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            env.update(s3.env, TMPDIR=str(job.parent / "tmp"))
+            return subprocess.Popen([str(BATCHRUN), *command, str(job), *(["--quiet"] if command == ("run",) else [])],
+                                    cwd=job.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        procs = [(i, launch(pod(f"pod-{i}"), "run", "--shard", f"{i}/4")) for i in range(1, 5)]
         for i, proc in procs:
             out, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, (i, err)
-            summaries[i] = json.loads(out)
         sharded_s = time.monotonic() - started
+        summaries = {i: json.loads(download(s3, f"{output}.shard-{i}-of-4.summary.json")) for i in range(1, 5)}
         merger = pod("merger")
-        proc = start(s3, merger, state, "--merge", tmp=merger.parent / "tmp")
+        proc = launch(merger, "merge")
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-        merged = merger.parent / "out" / "result.parquet"
+        merged = tmp_path / "merged.parquet"
+        merged.write_bytes(download(s3, output))
         assert_exact(merged, rows)
         assert tally(merged, rows) == EXACT
         assert Counter(ep.log.prompts_received) == Counter(r["prompt"] for r in rows), "a prompt sent twice"
 
-        alone = pod("alone")
+        pq.write_table(table, tmp_path / "alone-input.parquet")
+        alone = write_job(tmp_path, ep.url, input_path="alone-input.parquet", output_path="alone/out.parquet",
+                          run=run, name="alone.toml")
         summary = run_job(alone)
         assert summary.exit_code == 0
-    one = alone.parent / "out" / "result.parquet"
+    one = tmp_path / "alone" / "out.parquet"
     assert comparable(merged).equals(comparable(one))
     assert pq.read_schema(merged).equals(pq.read_schema(one))
     statuses = sorted(s["status"] for s in summaries.values())
     print(f"\nfour shards in {sharded_s:.1f} s ({statuses}); merged output equals the one-process run's "
           f"({len(rows)} rows)")
     for i in range(1, 5):
-        assert not any((tmp_path / f"pod-{i}" / "tmp").iterdir()), f"pod {i} left files in its temporary folder"
+        folder = tmp_path / f"pod-{i}"
+        assert sorted(p.name for p in folder.iterdir()) == ["job.toml", "tmp"], f"pod {i} wrote beside its job"
+        assert not any((folder / "tmp").iterdir()), f"pod {i} left files in its temporary folder"
+
+
+def download(s3: SeaweedS3, url: str) -> bytes:
+    with s3.filesystem().open_input_stream(url.removeprefix("s3://")) as f:
+        data: bytes = f.read()
+    return data
 
 
 @pytest.mark.parametrize("step", ["carry:written", "carry:renamed", "plan:carried", "plan:renamed", None])
@@ -244,7 +287,7 @@ def test_an_incremental_plan_on_s3_crashed_at_each_step_then_rerun_sends_only_ne
         sent = Counter(ep.log.prompts_received[mark:])
     assert_exact(tmp_path / "out" / "result.parquet", v2)
     assert sent == Counter(to_send), "the crash cost the answers of unchanged rows"
-    assert json.loads(out)["incremental"] == {"reused": len(v1) - 1 - 3, "changed": 3, "new": 20}
+    assert last_summary(job)["incremental"] == {"reused": len(v1) - 1 - 3, "changed": 3, "new": 20}
     assert not state_of(s3, state).has_carry(), "the carry outlived the run that used it"
 
 
