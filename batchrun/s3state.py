@@ -87,7 +87,7 @@ from .checkpoint import CARRY_ROW_GROUP, OUTPUTS_KEPT, DamagedStateError
 from .errors import BusyError, StorageError
 from .localfs import crashpoint, output_temps, process_ended, remove_stale_temps, write_checked
 from .plan import Plan
-from .s3store import S3Path, run_to_end
+from .s3store import S3Path, json_object, run_to_end
 from .segments import RESULT_SCHEMA, SegmentFile, SegmentInfo, read_checked
 
 log = logging.getLogger("batchrun")
@@ -225,13 +225,7 @@ class S3RunState:
 
     def _get_json(self, key: str) -> dict[str, Any] | None:
         data = self._get(key)
-        if data is None:
-            return None
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return doc if isinstance(doc, dict) else None
+        return None if data is None else json_object(data)
 
     def _put_json(self, key: str, doc: dict[str, Any], kind: str | None) -> None:
         self._put(key, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8"), kind)

@@ -78,6 +78,15 @@ _CONTENT_TYPES = {
 }
 
 
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """``data`` as a JSON object; None when it is not one (a damaged or foreign document)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 class S3Path(PurePosixPath):
     """An S3 location, ``bucket/key/parts``; ``str()`` gives ``s3://bucket/key``.
 
@@ -314,11 +323,7 @@ class S3Store:
             raise self._error(exc, "read", loc) from None
         if len(data) > JSON_MAX_BYTES:
             return None
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return doc if isinstance(doc, dict) else None
+        return json_object(data)
 
     def write_json(self, path: PurePath, doc: dict[str, Any], kind: str) -> None:
         """One PUT of the whole document from the upload thread: it shows whole or not at all."""
