@@ -2,7 +2,8 @@
 
     BatchrunError                    (exit 1, unexpected)
     ├── JobError                     (exit 2) the job file or its input is invalid
-    │   └── ObjectStoreError                  an object store refused a request or did not answer
+    │   └── ObjectStoreError                  an object store refused a request (no bucket, no key, denied)
+    │       └── StoreUnreachableError (exit 74) it did not answer: progress is kept, rerun
     ├── EndpointError                (exit 4) the run stopped early; progress is kept
     │   ├── AuthError                         401/403: the key is wrong or missing
     │   └── OutageError                       the endpoint stopped answering altogether
@@ -63,6 +64,17 @@ class ObjectStoreError(JobError):
         self.operation = operation
         self.location = location
         super().__init__(message)
+
+
+class StoreUnreachableError(ObjectStoreError):
+    """The object store did not answer (refused, reset, timed out; ``fault`` UNREACHABLE).
+
+    An outage, not a wrong job: like a full disk (74) or an endpoint that is down (4) it keeps
+    the run's progress, and the same command resumes once the store is back, so it exits 74 as
+    the run state on S3 does for a store that stops answering; a wrong ``endpoint_url`` looks
+    the same from here, and the message says to check it."""
+
+    exit_code = 74
 
 
 class StateError(BatchrunError):

@@ -60,7 +60,7 @@ from urllib.parse import SplitResult, urlsplit
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-from .errors import JobError, ObjectStoreError, StoreFault
+from .errors import JobError, ObjectStoreError, StoreFault, StoreUnreachableError
 from .localfs import STORAGE_ERRNOS, crashpoint, storage_error
 from .storage import FileStat
 
@@ -408,7 +408,8 @@ class S3Store:
             )
         else:
             msg = f"{where}: {detail}"
-        return ObjectStoreError(msg, fault=fault, operation=operation, location=str(loc))
+        kind = StoreUnreachableError if fault is StoreFault.UNREACHABLE else ObjectStoreError
+        return kind(msg, fault=fault, operation=operation, location=str(loc))
 
     # -- uploads -------------------------------------------------------------------------------
     def _upload(self, loc: S3Path, source: Path | bytes, content_type: str, *, error_at: S3Path) -> None:

@@ -526,7 +526,7 @@ def _buckets() -> object:
     return fs.FileSelector("", recursive=False)
 
 
-# --- every way a request fails: the message, the fault, exit 2, no credential -----------------------
+# --- every way a request fails: the message, the fault, the exit code (2; 74 when unanswered), no credential ---
 
 
 def test_a_missing_bucket_is_named(s3: SeaweedS3, store: S3Store) -> None:
@@ -606,7 +606,7 @@ def test_an_unreachable_endpoint_is_named(s3: SeaweedS3, bucket: str) -> None:
         with pytest.raises(ObjectStoreError) as info:
             call()
         text = str(info.value)
-        assert info.value.fault is StoreFault.UNREACHABLE and info.value.exit_code == 2
+        assert info.value.fault is StoreFault.UNREACHABLE and info.value.exit_code == 74
         assert text.startswith(f"cannot {info.value.operation} {loc}: the S3 endpoint {url} did not answer (")
         assert "Could not connect to server" in text
         assert text.endswith("); check storage.endpoint_url and that the store is up, then run the same command")
