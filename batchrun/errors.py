@@ -2,7 +2,8 @@
 
     BatchrunError                    (exit 1, unexpected)
     ├── JobError                     (exit 2) the job file or its input is invalid
-    │   └── ObjectStoreError                  an object store refused a request or did not answer
+    │   └── ObjectStoreError                  an object store refused a request (no bucket, no key, denied)
+    │       └── StoreUnreachableError (exit 74) it did not answer (a StorageError too): progress kept
     ├── EndpointError                (exit 4) the run stopped early; progress is kept
     │   ├── AuthError                         401/403: the key is wrong or missing
     │   └── OutageError                       the endpoint stopped answering altogether
@@ -96,11 +97,13 @@ class StorageError(BatchrunError):
     exit_code = 74
 
 class StoreUnreachableError(ObjectStoreError, StorageError):
-    """The object store did not answer (after the S3 client's own retries): not the job's fault,
-    and nothing lost. Exit 74 like a full disk: progress is kept, the same command resumes."""
+    """The object store did not answer (refused, reset, timed out after the S3 client's own
+    retries; ``fault`` UNREACHABLE). An outage, not a wrong job: like a full disk it keeps the
+    run's progress and the same command resumes once the store is back, so it exits 74 as the run
+    state on S3 does; a wrong ``endpoint_url`` looks the same from here, and the message says to
+    check it."""
 
     exit_code = 74
-
 
 
 class BusyError(BatchrunError):

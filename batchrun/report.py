@@ -18,6 +18,7 @@ from .errors import (
     NotReadyError,
     StateError,
     StorageError,
+    StoreUnreachableError,
 )
 from .segments import EMPTY_PROMPT, SegmentInfo
 from .storage import ProgressStore, output_store, progress_store
@@ -238,6 +239,7 @@ _FAILURE_STATUS = (
     (AuthError, "credentials_refused"),
     (EndpointError, "endpoint_unavailable"),
     (StorageError, "storage_error"),
+    (StoreUnreachableError, "storage_error"),  # before JobError, of which it is one
     (NotReadyError, "not_ready"),
     (JobError, "invalid_job"),
     (StateError, "state_mismatch"),

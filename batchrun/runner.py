@@ -22,6 +22,7 @@ from .errors import (
     InterruptedRun,
     JobError,
     NotReadyError,
+    ObjectStoreError,
     StateError,
     StorageError,
 )
@@ -330,8 +331,9 @@ def _close_summary(summary: RunSummary, started: float, spec: JobSpec, part: Sha
     summary.rows_reused = max(0, summary.succeeded - summary.rows_answered_this_run)
     try:
         output_store(spec).write_json(summary_path(spec, part), summary.to_dict(), "summary")
-    except (OSError, StorageError) as exc:
-        # The summary is a report, not the truth: failing to write it must not mask the run's result.
+    except (OSError, StorageError, ObjectStoreError) as exc:
+        # The summary is a report, not the truth: failing to write it must not mask the run's
+        # result, nor the error that stopped it (an S3 store that died mid-upload is still dead).
         log.warning("could not write the run summary: %s", exc)
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -275,6 +276,7 @@ class CountingProxy:
 
     Put between a client and the store, it measures what a read really transferred (a ranged
     read of one row group, not the whole object) and tells a test when an upload is under way.
+    ``when_sent`` runs an action (kill the store) at an exact point of an upload.
     """
 
     def __init__(self, target_port: int):
@@ -282,6 +284,7 @@ class CountingProxy:
         self.to_server = 0
         self.to_client = 0
         self._lock = threading.Lock()
+        self._trip: tuple[int, Callable[[], None]] | None = None
         self._sockets: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
@@ -294,6 +297,14 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.to_server = self.to_client = 0
+
+    def when_sent(self, threshold: int, action: Callable[[], None]) -> None:
+        """Run ``action`` once, in the relay's own thread, when more than ``threshold`` bytes
+        (counted since the last ``reset``) would have gone to the server, before any byte past
+        it is forwarded: however fast loopback is, an upload is cut at that point (a poll from
+        another thread can come after a 30 MB upload has already ended)."""
+        with self._lock:
+            self._trip = (threshold, action)
 
     def _accept(self) -> None:
         while True:
@@ -314,6 +325,8 @@ class CountingProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, counter: str) -> None:
         try:
             while data := src.recv(1 << 16):
+                if counter == "to_server":
+                    self._maybe_trip(len(data))
                 dst.sendall(data)
                 with self._lock:
                     setattr(self, counter, getattr(self, counter) + len(data))
@@ -325,6 +338,14 @@ class CountingProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def _maybe_trip(self, incoming: int) -> None:
+        with self._lock:
+            trip = self._trip
+            if trip is None or self.to_server + incoming <= trip[0]:
+                return
+            self._trip = None  # once, whichever relay thread gets here first
+        trip[1]()
 
     def close(self) -> None:
         self._listener.close()

@@ -540,7 +540,7 @@ def _buckets() -> object:
     return fs.FileSelector("", recursive=False)
 
 
-# --- every way a request fails: the message, the fault, exit 2, no credential -----------------------
+# --- every way a request fails: the message, the fault, the exit code (2; 74 when unanswered), no credential ---
 
 
 def test_a_missing_bucket_is_named(s3: SeaweedS3, store: S3Store) -> None:
