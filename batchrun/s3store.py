@@ -16,7 +16,11 @@ short by an exception becomes a short object at its key (checked against Seaweed
    incomplete multipart upload, which S3 never shows;
 4. ``before_visible(identity)`` records it in the run state;
 5. the staged object is copied to the final key server-side (CopyObject: the object appears
-   whole or not at all, replacing the old one) and the staging key is removed.
+   whole or not at all, replacing the old one) and the staging key is removed. The copy is
+   sent through a client that waits up to ``COPY_SILENCE_S`` for its answer: AWS keeps a long
+   copy's connection alive with whitespace, but SeaweedFS answers only when it has copied every
+   byte (54 s for a 4.7 GB output here), and the SDK's default gives up after 3 s of silence
+   (``curlCode: 28``) and retries, starting the copy again each time.
 
 The identity is ``{"size", "sha256_64"}`` (the first 64 bits of the SHA-256): known before the
 object exists, unlike its ETag or modification time, and read back with one HEAD because the
@@ -67,6 +71,7 @@ from .storage import FileStat
 
 STAGING_STALE_S = 600.0  # a staging object this old is a crashed writer's (clear_leftovers)
 COPY_LIMIT = 5 << 30  # CopyObject copies at most 5 GiB on AWS S3; larger objects are uploaded in place
+COPY_SILENCE_S = 600.0  # how long a server-side copy may go without a byte of its answer (module docstring)
 UPLOAD_CHUNK = 8 << 20
 FLUSH_EVERY = 4  # chunks between waits for the parts in flight: pyarrow queues them unbounded
 DIGEST_PARAM = "x-batchrun-sha256"
@@ -123,15 +128,20 @@ def is_s3(location: str | PurePath) -> bool:
 
 
 def s3_filesystem(
-    *, endpoint_url: str | None = None, region: str | None = None, allow_http: bool = False
+    *, endpoint_url: str | None = None, region: str | None = None, allow_http: bool = False,
+    request_timeout: float | None = None,
 ) -> pafs.S3FileSystem:
     """pyarrow's ``S3FileSystem`` for AWS (no ``endpoint_url``) or an S3-compatible store.
 
     Credentials are left to the AWS SDK's default chain; none is ever passed or read here.
     ``http://`` is taken for a loopback endpoint only, unless ``allow_http``: on any other host
     the credentials' signatures and the data would cross the network in clear.
+    ``request_timeout``: seconds a request may go without a byte back (the SDK's default is 3;
+    pyarrow's documentation says it is ignored on Linux, but libcurl's low-speed limit takes it).
     """
     options: dict[str, Any] = {"region": region} if region else {}
+    if request_timeout is not None:
+        options["request_timeout"] = request_timeout
     if endpoint_url:
         url = check_endpoint_url(endpoint_url, allow_http=allow_http)
         options.update(endpoint_override=url.netloc, scheme=url.scheme)
@@ -155,7 +165,9 @@ class S3Store:
     """``InputStore`` and ``OutputStore`` over ``S3Path`` locations (see the module docstring).
 
     ``scratch_dir`` is where ``publish`` has its local temporary file written (the system's
-    temporary folder by default): it needs room for the whole output.
+    temporary folder by default): it needs room for the whole output. ``copy_filesystem`` sends
+    ``publish``'s server-side copy: the same store, with a ``request_timeout`` of
+    ``COPY_SILENCE_S`` (``storage.s3_store`` makes it; ``filesystem`` when not given).
     """
 
     def __init__(
@@ -164,8 +176,10 @@ class S3Store:
         *,
         endpoint_url: str | None = None,
         scratch_dir: Path | None = None,
+        copy_filesystem: pafs.S3FileSystem | None = None,
     ):
         self.fs = filesystem
+        self.copy_fs = copy_filesystem or filesystem
         self.where = endpoint_url or "AWS S3"  # named in messages
         self.scratch_dir = scratch_dir
 
@@ -284,7 +298,7 @@ class S3Store:
                     crashpoint(f"{kind}:written")
                     before_visible(identity)
                     crashpoint(f"{kind}:fsynced")
-                    self._call("write", loc, self.fs.copy_file, staging.fs_path, loc.fs_path)
+                    self._call("write", loc, self.copy_fs.copy_file, staging.fs_path, loc.fs_path)
                 finally:
                     self._remove_quietly(staging)
             crashpoint(f"{kind}:renamed")

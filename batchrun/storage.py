@@ -312,10 +312,13 @@ def s3_store(storage: StorageSection | None) -> S3Store:
 
 @functools.lru_cache(maxsize=8)
 def _s3_store(endpoint_url: str | None, region: str | None, allow_http: bool) -> S3Store:
-    from .s3store import S3Store, s3_filesystem
+    from .s3store import COPY_SILENCE_S, S3Store, s3_filesystem
 
     filesystem = s3_filesystem(endpoint_url=endpoint_url, region=region, allow_http=allow_http)
-    return S3Store(filesystem, endpoint_url=endpoint_url)
+    # The output's server-side copy may stay silent for as long as the store takes to copy it.
+    copying = s3_filesystem(endpoint_url=endpoint_url, region=region, allow_http=allow_http,
+                            request_timeout=COPY_SILENCE_S)
+    return S3Store(filesystem, endpoint_url=endpoint_url, copy_filesystem=copying)
 
 
 def _on_s3(location: PurePath) -> bool:

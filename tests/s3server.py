@@ -285,6 +285,7 @@ class CountingProxy:
         self.to_client = 0
         self._lock = threading.Lock()
         self._trip: tuple[int, Callable[[], None]] | None = None
+        self._hold: tuple[bytes, float] | None = None
         self._sockets: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
@@ -319,14 +320,20 @@ class CountingProxy:
                 continue
             with self._lock:
                 self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, "to_server"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, "to_client"), daemon=True).start()
+            held: list[float] = []  # this connection's answer to hold, set by its request
+            threading.Thread(target=self._pump, args=(client, server, "to_server", held), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, "to_client", held), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, counter: str) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, counter: str, held: list[float]) -> None:
         try:
             while data := src.recv(1 << 16):
                 if counter == "to_server":
                     self._maybe_trip(len(data))
+                    hold = self._hold
+                    if hold is not None and hold[0] in data.lower():
+                        held.append(hold[1])
+                elif held:
+                    time.sleep(held.pop())
                 dst.sendall(data)
                 with self._lock:
                     setattr(self, counter, getattr(self, counter) + len(data))
@@ -338,6 +345,13 @@ class CountingProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def hold_answers(self, marker: bytes, seconds: float) -> None:
+        """Hold the answer to every request holding ``marker`` (case-insensitive, within one
+        read of the request) for ``seconds`` before relaying its first byte: a store that works
+        on a long request without a word, as SeaweedFS does on a CopyObject of gigabytes."""
+        with self._lock:
+            self._hold = (marker.lower(), seconds)
 
     def _maybe_trip(self, incoming: int) -> None:
         with self._lock:

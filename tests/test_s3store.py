@@ -24,7 +24,8 @@ import pytest
 from conftest import wait_for
 from s3server import CountingProxy, SeaweedS3, free_port_pairs, weed_binary
 
-from batchrun import csvinput, s3store, source
+from batchrun import csvinput, s3store, source, storage
+from batchrun.config import StorageSection
 from batchrun.errors import JobError, ObjectStoreError, StorageError, StoreFault, StoreUnreachableError
 from batchrun.s3store import S3Path, S3Store, s3_filesystem
 
@@ -422,6 +423,28 @@ def test_the_store_killed_mid_upload_shows_no_partial_object(
         server.restart()
         assert store.identity(loc) == old
         assert keys(server, bucket) == ([] if direct else ["out/answers.bin"])
+
+
+def test_a_server_side_copy_may_stay_silent_longer_than_the_sdks_request_timeout(
+    s3: SeaweedS3, bucket: str, proxy: CountingProxy, tmp_path: Path
+) -> None:
+    """SeaweedFS answers a CopyObject only once every byte is copied (54 s for a 4.7 GB output
+    in the S3 benchmark); the SDK's default gives up after 3 s of silence and starts the copy
+    again. The store that jobs get (``storage.s3_store``) sends the copy with a longer wait."""
+    loc = S3Path(bucket, "out/answers.parquet")
+    proxy.hold_answers(b"x-amz-copy-source:", 4.5)
+    plain = store_at(proxy.endpoint_url, tmp_path)  # the SDK's defaults throughout
+    recorded: list[dict[str, int]] = []
+    with pytest.raises(ObjectStoreError, match="Timeout was reached") as info:
+        with plain.publish(loc, "output", recorded.append) as tmp:
+            tmp.write_bytes(b"first")
+    assert info.value.fault is StoreFault.UNREACHABLE and info.value.exit_code == 74
+    # The store finished the copy the client gave up on: the object shown is the one recorded.
+    assert plain.identity(loc) in (None, *recorded)
+    jobs = storage.s3_store(StorageSection(endpoint_url=proxy.endpoint_url, region=REGION))
+    identity = publish_bytes(jobs, loc, b"contents")
+    assert jobs.identity(loc) == identity and get(s3, loc) == b"contents"
+    assert keys(s3, bucket) == ["out/answers.parquet"]
 
 
 _WRITER = """
