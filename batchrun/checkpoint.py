@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -35,7 +35,6 @@ from .localfs import (
     STORAGE_ERRNOS,
     atomic_path,
     crashpoint,
-    output_temps,
     read_json,
     remove_stale_temps,
     storage_error,
@@ -193,18 +192,16 @@ class RunState:
         """A local file for a step's working data, cleared with the leftovers of a crashed run."""
         return self.root / f".{name}"
 
-    def clear_leftovers(self, output: PurePath) -> None:
-        """Remove what a crashed run can leave: ``.tmp-`` files (never visible under a final
-        name), and partial files and journals of segments committed since they were written."""
-        places = [
+    def clear_leftovers(self) -> None:
+        """Remove what a crashed run can leave in the run directory: ``.tmp-`` files (never
+        visible under a final name), and partial files and journals of segments committed since
+        they were written. (The output's own temporary files are its store's: ``OutputStore``.)"""
+        for d, pattern in (
             (self.root, ".*.tmp-*"),
             (self.segments_dir, ".*.tmp-*"),
             (self.partial_dir, ".*.tmp-*"),
             (self.root, ".incoming.parquet"),  # incremental.py's scratch_path("incoming.parquet")
-        ]
-        if isinstance(output, Path):  # a local output, and the summaries and success marker beside it
-            places.append((output.parent, output_temps(output)))
-        for d, pattern in places:
+        ):
             remove_stale_temps(d, pattern)
         for k in self.partial_segments():
             if self.segment_path(k).exists():

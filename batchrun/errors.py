@@ -96,6 +96,7 @@ class StorageError(BatchrunError):
 
     exit_code = 74
 
+
 class StoreUnreachableError(ObjectStoreError, StorageError):
     """The object store did not answer (refused, reset, timed out after the S3 client's own
     retries; ``fault`` UNREACHABLE). An outage, not a wrong job: like a full disk it keeps the

@@ -18,7 +18,6 @@ from .errors import (
     NotReadyError,
     StateError,
     StorageError,
-    StoreUnreachableError,
 )
 from .segments import EMPTY_PROMPT, SegmentInfo
 from .storage import ProgressStore, output_store, progress_store
@@ -239,7 +238,6 @@ _FAILURE_STATUS = (
     (AuthError, "credentials_refused"),
     (EndpointError, "endpoint_unavailable"),
     (StorageError, "storage_error"),
-    (StoreUnreachableError, "storage_error"),  # before JobError, of which it is one
     (NotReadyError, "not_ready"),
     (JobError, "invalid_job"),
     (StateError, "state_mismatch"),

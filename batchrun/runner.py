@@ -215,7 +215,7 @@ def _run_locked(
         if restart:
             state.reset()
         state.ensure_dirs()
-        state.clear_leftovers(spec.output_path)
+        state.clear_leftovers()
         output_store(spec).clear_leftovers(spec.output_path)
         plan = _plan(spec, state, allow_incremental=part is None)
         check_output_owned(spec, state)

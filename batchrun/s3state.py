@@ -75,7 +75,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from hashlib import sha256
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -85,9 +85,9 @@ import pyarrow.parquet as pq
 from . import leases
 from .checkpoint import CARRY_ROW_GROUP, OUTPUTS_KEPT, DamagedStateError
 from .errors import BusyError, StorageError
-from .localfs import crashpoint, output_temps, process_ended, remove_stale_temps, write_checked
+from .localfs import crashpoint, process_ended, write_checked
 from .plan import Plan
-from .s3store import S3Path, json_object, run_to_end
+from .s3store import S3Path, json_object, run_to_end, scrub_secrets
 from .segments import RESULT_SCHEMA, SegmentFile, SegmentInfo, read_checked
 
 log = logging.getLogger("batchrun")
@@ -99,7 +99,6 @@ _TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|curlCode|INTERNAL_FAILURE|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTLING|"
     r"REQUEST_TIMEOUT|Connection reset|timed out|response code: 5\d\d|HTTP 5\d\d"
 )
-_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 _FOOTER_TAIL = 64 * 1024  # one ranged read holds a segment's footer (a few KB) in practice
 _COPY_CHUNK = 8 * 1024 * 1024
 
@@ -387,10 +386,10 @@ class S3RunState:
     def _scratch_prefix(self) -> str:
         return f"batchrun-state-{sha256(str(self.root).encode()).hexdigest()[:12]}-"
 
-    def clear_leftovers(self, output: PurePath) -> None:
+    def clear_leftovers(self) -> None:
         """Remove what a crashed run can leave: partial saves and journals of segments committed
-        since they were written, scratch folders of ended processes, and (for a local output)
-        the output's temporary files. No ``.tmp`` object exists on the store: a PUT is whole."""
+        since they were written, and scratch folders of ended processes. No ``.tmp`` object exists
+        on the store (a PUT is whole); the output's own leftovers are its store's (``OutputStore``)."""
         committed = {name.k for _, name in self._files("segments")}
         for folder in ("partial", "journal"):
             for info, name in self._files(folder):
@@ -400,8 +399,6 @@ class S3RunState:
             pid = d.name.removeprefix(self._scratch_prefix()).split("-")[0]
             if d != self._scratch and pid.isdigit() and process_ended(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
-        if isinstance(output, Path):  # a local output, and the summaries and success marker beside it
-            remove_stale_temps(output.parent, output_temps(output))
 
     def has_progress(self) -> bool:
         return any(self._files("segments")) or any(self._files("partial"))
@@ -698,11 +695,7 @@ def _storage_error(op: str, key: str, exc: OSError, attempts: int) -> StorageErr
     text = str(exc)
     m = re.search(r"AWS Error (.*?)(?: \(Request ID: [^)]*\))?\.?$", text, re.S)
     reason = m[1] if m else text
-    reason = reason.split("; Details:")[0].strip()
-    for var in _SECRET_VARS:
-        value = os.environ.get(var)
-        if value:
-            reason = reason.replace(value, "***")
+    reason = scrub_secrets(reason.split("; Details:")[0].strip())
     if _TRANSIENT.search(text):
         return StorageError(
             f"cannot {op} s3://{key}: the store did not answer ({reason}; {attempts} attempts); "

@@ -123,10 +123,6 @@ class S3Path(PurePosixPath):
         return super().__str__()
 
 
-def is_s3(location: str | PurePath) -> bool:
-    return isinstance(location, S3Path) or str(location).startswith("s3://")
-
-
 def s3_filesystem(
     *, endpoint_url: str | None = None, region: str | None = None, allow_http: bool = False,
     request_timeout: float | None = None,
@@ -423,7 +419,7 @@ class S3Store:
         text = " ".join(str(exc).split())
         found = re.search(r"AWS Error (\w+) during (\w+) operation:?\s*(.*)", text)
         code = found[1] if found else ""
-        detail = _scrub(re.sub(r"\s*\(Request ID: [^)]*\)", "", found[3] if found else text))[:300]
+        detail = scrub_secrets(re.sub(r"\s*\(Request ID: [^)]*\)", "", found[3] if found else text))[:300]
         fault = _fault(exc, code, text)
         where = f"cannot {operation} {loc}"
         if fault is StoreFault.NO_BUCKET:
@@ -605,7 +601,7 @@ def _credential_source() -> str | None:
     return None
 
 
-def _scrub(text: str) -> str:
+def scrub_secrets(text: str) -> str:
     """``text`` without any credential the environment holds (an S3 error body may quote one)."""
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_KEY", "AWS_ACCESS_KEY"):
         value = os.environ.get(name, "")

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeGuard
 
 import pyarrow as pa
 
@@ -34,7 +34,7 @@ from .localfs import atomic_path, output_temps, read_json, remove_stale_temps, s
 if TYPE_CHECKING:
     from .config import JobSpec, StorageSection
     from .plan import Plan
-    from .s3store import S3Store
+    from .s3store import S3Path, S3Store
     from .segments import SegmentInfo
 
 
@@ -132,7 +132,7 @@ class ProgressStore(Protocol):
     def lock(self, name: str = "lock", *, wait: bool = False) -> AbstractContextManager[None]: ...
     def holders(self) -> dict[str, str]: ...
     def shard_count(self) -> int | None: ...
-    def clear_leftovers(self, output: PurePath) -> None: ...
+    def clear_leftovers(self) -> None: ...
     def reset(self) -> None: ...
     def drop_progress(self) -> None: ...
     def has_progress(self) -> bool: ...
@@ -290,9 +290,7 @@ def output_store(spec: JobSpec) -> OutputStore:
 
 def progress_store(spec: JobSpec) -> ProgressStore:
     """Where a job's run state is kept (``output.state_dir``)."""
-    from .s3store import S3Path
-
-    if isinstance(spec.state_dir, S3Path):
+    if _on_s3(spec.state_dir):
         from .s3state import S3RunState
 
         state: ProgressStore = S3RunState(spec.state_dir, s3_store(spec.storage).fs)
@@ -321,7 +319,7 @@ def _s3_store(endpoint_url: str | None, region: str | None, allow_http: bool) ->
     return S3Store(filesystem, endpoint_url=endpoint_url, copy_filesystem=copying)
 
 
-def _on_s3(location: PurePath) -> bool:
+def _on_s3(location: PurePath) -> TypeGuard[S3Path]:
     from .s3store import S3Path
 
     return isinstance(location, S3Path)

@@ -195,7 +195,7 @@ def test_clear_leftovers_removes_partials_and_journals_of_committed_segments_onl
     put_raw(s3, state, "partial/seg-00000000.old.parquet", pq_bytes(results(0, 2)))
     put_raw(s3, state, "journal/seg-00000000.old-000001.sent", b"0 1\n")
     state.write_partial(1, "run", results(10, 2))
-    state.clear_leftovers(tmp_path / "out" / "result.parquet")
+    state.clear_leftovers()
     assert keys(s3, state, "partial") == ["partial/seg-00000001.run.parquet"]
     assert keys(s3, state, "journal") == []
 

@@ -652,7 +652,7 @@ def test_an_unreachable_endpoint_is_named(s3: SeaweedS3, bucket: str) -> None:
 def test_messages_never_hold_the_environments_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "t0ken-value")
-    assert s3store._scrub("body: s3cr3t-value and t0ken-value") == "body: *** and ***"
+    assert s3store.scrub_secrets("body: s3cr3t-value and t0ken-value") == "body: *** and ***"
 
 
 def test_paths_of_other_stores_are_refused(store: S3Store) -> None:

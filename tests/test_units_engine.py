@@ -359,7 +359,7 @@ def test_the_journal_counts_only_whole_lines_and_leftovers_of_committed_segments
     (state.segments_dir / f".seg-00000001.parquet.tmp-{gone.pid}-dead").write_bytes(b"half")
     (state.segments_dir / f".seg-00000002.parquet.tmp-{os.getpid()}-live").write_bytes(b"half")
     pq.write_table(table.replace_schema_metadata(info_of(table).metadata(0)), state.segment_path(0))
-    state.clear_leftovers(spec.output_path)
+    state.clear_leftovers()
     assert state.read_partials(0) is None and state.read_journal(0) == set()
     assert state.read_partials(1) is not None and state.read_journal(1) == {4, 5}  # not committed: kept
     assert sorted(p.name for p in state.segments_dir.iterdir()) == [
